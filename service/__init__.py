@@ -1,0 +1,1 @@
+"""Retort: migration-as-a-service for Alembic."""

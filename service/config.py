@@ -1,0 +1,114 @@
+"""One frozen configuration, read from the environment in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the API, the worker and the CLI need to know."""
+
+    database_url: str
+    broker_url: str
+    data_dir: Path
+    admin_token: str
+    secret_keys: tuple[str, ...]
+    port: int = 8080
+    host: str = "127.0.0.1"
+    # Lease on a target database, held in Retort's own database.
+    lease_ttl_s: float = 30.0
+    # How long a job waits for the lease and the target's session lock.
+    lock_wait_timeout_s: float = 600.0
+    # Connecting to a target: attempts and the first backoff (doubles each time).
+    connect_attempts: int = 4
+    connect_backoff_s: float = 0.5
+    connect_timeout_s: int = 5
+    max_bundle_bytes: int = 16 * 1024 * 1024
+    max_bundle_expanded_bytes: int = 64 * 1024 * 1024
+    max_bundle_files: int = 2000
+    max_bundle_file_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Config:
+        """Build the config from RETORT_* variables; the embedded default fills in the rest."""
+        env = dict(os.environ if env is None else env)
+        data_dir = Path(
+            overrides.pop("data_dir", None) or env.get("RETORT_DATA_DIR") or "./retort-data"
+        ).resolve()
+        port = int(overrides.pop("port", None) or env.get("RETORT_PORT") or 8080)
+        database_url = env.get("RETORT_DATABASE_URL") or f"sqlite:///{data_dir / 'retort.db'}"
+        broker_url = env.get("RETORT_BROKER_URL") or f"redis+socket://{data_dir / 'redis.sock'}"
+        admin_token = env.get("RETORT_ADMIN_TOKEN") or _file_secret(
+            data_dir / "admin-token", lambda: "rt_" + secrets.token_urlsafe(32)
+        )
+        keys = env.get("RETORT_SECRET_KEY") or _file_secret(
+            data_dir / "secret-key", lambda: Fernet.generate_key().decode()
+        )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = {}
+        for name in fields:
+            var = "RETORT_" + name.upper()
+            if var in env and name not in {
+                "database_url", "broker_url", "data_dir", "admin_token", "secret_keys", "port",
+            }:
+                typ = type(getattr(cls, name))
+                extra[name] = typ(env[var])
+        extra.update(overrides)
+        return cls(
+            database_url=database_url,
+            broker_url=broker_url,
+            data_dir=data_dir,
+            admin_token=admin_token,
+            # Comma-separated: the first key encrypts, every key decrypts (rotation).
+            secret_keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
+            port=port,
+            **extra,
+        )
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("redis+socket://") and str(self.data_dir) in self.broker_url
+
+    @property
+    def bundle_cache_dir(self) -> Path:
+        return self.data_dir / "bundle-cache"
+
+    def as_env(self) -> dict[str, str]:
+        """Return the variables that make a child process build this same config."""
+        return {
+            "RETORT_DATABASE_URL": self.database_url,
+            "RETORT_BROKER_URL": self.broker_url,
+            "RETORT_DATA_DIR": str(self.data_dir),
+            "RETORT_ADMIN_TOKEN": self.admin_token,
+            "RETORT_SECRET_KEY": ",".join(self.secret_keys),
+            "RETORT_PORT": str(self.port),
+            "RETORT_LEASE_TTL_S": str(self.lease_ttl_s),
+            "RETORT_LOCK_WAIT_TIMEOUT_S": str(self.lock_wait_timeout_s),
+            "RETORT_CONNECT_ATTEMPTS": str(self.connect_attempts),
+            "RETORT_CONNECT_BACKOFF_S": str(self.connect_backoff_s),
+            "RETORT_CONNECT_TIMEOUT_S": str(self.connect_timeout_s),
+        }
+
+
+def _file_secret(path: Path, make) -> str:
+    """Read a generated secret from the data directory, creating it (0600) on first use."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value

@@ -1,0 +1,85 @@
+"""Retort's own state database: engine, sessions, the declarative base and clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import JSON, MetaData, create_engine, event, func, literal_column
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict: JSON, list: JSON}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def make_engine(url: str, *, pooled: bool = True) -> Engine:
+    """Create the state engine; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            poolclass=NullPool,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            # Take over transaction control from pysqlite so every transaction
+            # is BEGIN IMMEDIATE: writers queue on the busy timeout instead of
+            # failing when a read transaction tries to upgrade to a write.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    kwargs = {"pool_pre_ping": True}
+    if not pooled:
+        kwargs = {"poolclass": NullPool}
+    return create_engine(url, **kwargs)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """Run a unit of work in one transaction: commit on success, roll back on error."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def epoch_now(dialect_name: str):
+    """Return a SQL expression for the database's clock in epoch seconds.
+
+    Leases compare against the state database's clock, not the worker's, so
+    many machines with drifting clocks still agree on when a lease expired.
+    """
+    if dialect_name == "postgresql":
+        return func.extract("epoch", func.clock_timestamp())
+    if dialect_name == "sqlite":
+        return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+    return func.unix_timestamp(func.now(6))

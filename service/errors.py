@@ -1,0 +1,60 @@
+"""One error model: every refusal is a ServiceError rendered as {"error": {...}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; carries its HTTP status and a stable code."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: Any = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details if details is not None else {}
+        if code:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class NotFoundError(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(ServiceError):
+    status = 409
+    code = "conflict"
+
+
+class InvalidError(ServiceError):
+    status = 422
+    code = "invalid"
+
+
+class MultipleHeadsError(InvalidError):
+    code = "multiple_heads"
+
+
+class UnauthorizedError(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class PayloadTooLargeError(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class BundleError(InvalidError):
+    code = "invalid_bundle"

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.db import Base, utcnow
+
+ACTIVE_STATES = ("queued", "waiting_for_lock", "running")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class Job(Base):
+    """One migration request; the row is the record of truth, not the broker's message."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_database_id_id", "database_id", "id"),
+        Index("ix_jobs_state_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    database_id: Mapped[int] = mapped_column(ForeignKey("databases.id"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    bundle_pk: Mapped[int] = mapped_column(ForeignKey("bundles.pk"))
+    action: Mapped[str] = mapped_column(String(20))
+    target: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20), default="queued")
+    from_heads: Mapped[list | None] = mapped_column(default=None)
+    to_heads: Mapped[list | None] = mapped_column(default=None)
+    error: Mapped[dict | None] = mapped_column(default=None)
+    fencing_token: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    lock_waited_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    waiting_on_job_id: Mapped[int | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    requested_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class JobStep(Base):
+    """One applied (or failed) Alembic step: its revisions, SQL and duration."""
+
+    __tablename__ = "job_steps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    revisions: Mapped[list] = mapped_column()
+    direction: Mapped[str] = mapped_column(String(10))
+    state: Mapped[str] = mapped_column(String(20))
+    message: Mapped[str | None] = mapped_column(default=None)
+    sql: Mapped[list] = mapped_column(default=list)
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[float] = mapped_column()

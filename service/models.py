@@ -1,0 +1,14 @@
+"""Import every model so Base.metadata is complete (Alembic and tests use this)."""
+
+from service.audit.models import AuditEvent, AuditHead
+from service.bundles.models import Bundle, BundleFile
+from service.databases.models import AppliedRevision, Database
+from service.db import Base
+from service.jobs.models import Job, JobStep
+from service.locks.models import Lease
+from service.projects.models import Project
+
+__all__ = [
+    "AppliedRevision", "AuditEvent", "AuditHead", "Base", "Bundle", "BundleFile",
+    "Database", "Job", "JobStep", "Lease", "Project",
+]
