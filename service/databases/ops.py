@@ -1,0 +1,142 @@
+"""Target databases: registration, encrypted URLs and their live state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from service.audit.ops import record_event
+from service.bundles.models import Bundle
+from service.crypto import SecretBox
+from service.databases.models import Database
+from service.databases.schemas import DatabaseCreate
+from service.db import iso
+from service.errors import ConflictError, NotFoundError
+from service.locks.models import Lease
+from service.projects.models import Project
+from service.projects.ops import get_project
+from service import targets
+
+
+def create_database(
+    session: Session, body: DatabaseCreate, box: SecretBox, actor: str
+) -> tuple[Database, Project]:
+    project = get_project(session, body.project)
+    url = targets.normalize_url(body.url)
+    if session.scalar(select(Database.id).where(Database.name == body.name)) is not None:
+        raise ConflictError(f"database {body.name!r} already exists", {"name": body.name})
+    db = Database(
+        name=body.name,
+        project_id=project.id,
+        dialect=targets.dialect_of(url),
+        url_encrypted=box.encrypt(url.render_as_string(hide_password=False)),
+        url_masked=targets.mask_url(url),
+        tags=body.tags,
+    )
+    session.add(db)
+    session.flush()
+    session.add(Lease(database_id=db.id, token=0))
+    record_event(
+        session, "database.registered", actor=actor, project=project.name, database=db.name,
+        data={"url": db.url_masked, "tags": db.tags},
+    )
+    return db, project
+
+
+def get_database(session: Session, name: str) -> Database:
+    db = session.scalar(select(Database).where(Database.name == name))
+    if db is None:
+        raise NotFoundError(f"no database named {name!r}", {"database": name})
+    return db
+
+
+def list_databases(
+    session: Session, project: str | None = None, tag: str | None = None
+) -> list[tuple[Database, Project]]:
+    query = select(Database, Project).join(Project, Project.id == Database.project_id)
+    if project:
+        query = query.where(Project.name == project)
+    rows = list(session.execute(query.order_by(Database.name)).tuples())
+    if tag:
+        key, _, value = tag.partition("=")
+        rows = [
+            (d, p) for d, p in rows
+            if key in d.tags and (not value or d.tags[key] == value)
+        ]
+    return rows
+
+
+def latest_bundle(session: Session, project: Project) -> Bundle | None:
+    return session.scalar(
+        select(Bundle).where(Bundle.project_id == project.id).order_by(Bundle.pk.desc()).limit(1)
+    )
+
+
+def read_live_heads(
+    db: Database, project: Project, box: SecretBox, timeout: int = 5
+) -> tuple[list[str] | None, str | None]:
+    """Read the target's current heads; return (heads, None) or (None, why not)."""
+    url = targets.normalize_url(box.decrypt(db.url_encrypted))
+    engine = targets.make_target_engine(url, timeout)
+    try:
+        with engine.connect() as conn:
+            return targets.read_heads(conn, project.settings), None
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return None, targets.scrub(reason, url)
+    finally:
+        engine.dispose()
+
+
+def pending_revisions(bundle: Bundle, current: list[str]) -> tuple[list[str], list[str]]:
+    """Return (revisions of the bundle not yet applied, current heads the bundle lacks)."""
+    by_id = {r["id"]: r for r in bundle.revisions}
+    labels = {label: r["id"] for r in bundle.revisions for label in r["branch_labels"]}
+    applied: set[str] = set()
+    stack = [c for c in current if c in by_id]
+    while stack:
+        rev = stack.pop()
+        if rev in applied:
+            continue
+        applied.add(rev)
+        r = by_id[rev]
+        stack.extend(r["down_revisions"])
+        stack.extend(labels.get(d, d) for d in r["depends_on"])
+    unknown = [c for c in current if c not in by_id]
+    pending = [r["id"] for r in bundle.revisions if r["id"] not in applied]
+    return pending, unknown
+
+
+def serialize_database(
+    session: Session, db: Database, project: Project, box: SecretBox | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": db.name,
+        "project": project.name,
+        "dialect": db.dialect,
+        "url": db.url_masked,
+        "tags": db.tags,
+        "created_at": iso(db.created_at),
+    }
+    if box is None:
+        return out
+    bundle = latest_bundle(session, project)
+    current, error = read_live_heads(db, project, box)
+    out["current"] = current
+    out["current_error"] = error
+    out["head"] = bundle.heads if bundle else []
+    out["bundle"] = bundle.digest if bundle else None
+    if bundle is not None and current is not None:
+        out["pending"], out["unknown_current"] = pending_revisions(bundle, current)
+    else:
+        out["pending"] = None
+        out["unknown_current"] = []
+    lease = session.get(Lease, db.id)
+    out["lock"] = {
+        "fencing_token": lease.token if lease else 0,
+        "held_by_job": lease.holder_job_id if lease else None,
+    }
+    return out

@@ -1,0 +1,154 @@
+"""Jobs: migration requests, their state and their steps."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.audit.ops import record_event
+from service.bundles.models import Bundle
+from service.bundles.ops import get_bundle
+from service.databases.models import Database
+from service.databases.ops import get_database
+from service.db import iso, utcnow
+from service.errors import ConflictError, InvalidError, NotFoundError
+from service.jobs.models import Job, JobStep
+from service.jobs.schemas import JobCreate, JobList
+from service.jobs.targets import check_target
+from service.locks.models import Lease
+from service.projects.models import Project
+
+
+def create_job(session: Session, body: JobCreate, actor: str) -> Job:
+    db = get_database(session, body.database)
+    project = session.get(Project, db.project_id)
+    bundle = get_bundle(session, project, body.bundle or "latest")
+    target = check_target(bundle, body.action, body.target)
+    job = Job(
+        database_id=db.id,
+        project_id=project.id,
+        bundle_pk=bundle.pk,
+        action=body.action,
+        target=target,
+        state="queued",
+        requested_by=actor,
+    )
+    session.add(job)
+    session.flush()
+    record_event(
+        session, "job.requested", actor=actor, project=project.name, database=db.name,
+        job_id=job.id,
+        data={"action": job.action, "target": job.target, "bundle": bundle.digest},
+    )
+    return job
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id}", {"job": job_id})
+    return job
+
+
+def encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(str(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidError("cursor is not one this server gave out", {"field": "cursor"}) from None
+
+
+def list_jobs(session: Session, params: JobList) -> tuple[list[Job], str | None]:
+    """Return one page of jobs, newest first, and the cursor of the next page."""
+    query = select(Job)
+    if params.database:
+        db = get_database(session, params.database)
+        query = query.where(Job.database_id == db.id)
+    if params.state:
+        query = query.where(Job.state == params.state)
+    if params.cursor:
+        query = query.where(Job.id < decode_cursor(params.cursor))
+    jobs = list(session.scalars(query.order_by(Job.id.desc()).limit(params.limit + 1)))
+    more = len(jobs) > params.limit
+    jobs = jobs[: params.limit]
+    return jobs, encode_cursor(jobs[-1].id) if more else None
+
+
+def cancel_job(session: Session, job_id: int, actor: str) -> Job:
+    job = get_job(session, job_id)
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(("queued", "waiting_for_lock")))
+        .values(state="cancelled", finished_at=utcnow())
+    ).rowcount
+    if not done:
+        raise ConflictError(
+            f"job {job_id} is {job.state}: only a queued or waiting job can be cancelled",
+            {"job": job_id, "state": job.state},
+            code="not_cancellable",
+        )
+    session.refresh(job)
+    db = session.get(Database, job.database_id)
+    project = session.get(Project, job.project_id)
+    record_event(
+        session, "job.cancelled", actor=actor, project=project.name, database=db.name,
+        job_id=job.id,
+    )
+    return job
+
+
+def serialize_job(session: Session, job: Job, with_steps: bool = True) -> dict[str, Any]:
+    db = session.get(Database, job.database_id)
+    project = session.get(Project, job.project_id)
+    bundle = session.get(Bundle, job.bundle_pk)
+    out: dict[str, Any] = {
+        "id": job.id,
+        "database": db.name,
+        "project": project.name,
+        "bundle": bundle.digest,
+        "action": job.action,
+        "target": job.target,
+        "state": job.state,
+        "from_heads": job.from_heads,
+        "to_heads": job.to_heads,
+        "error": job.error,
+        "lock": {
+            "fencing_token": job.fencing_token,
+            "waited_ms": job.lock_waited_ms,
+        },
+        "requested_by": job.requested_by,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+    }
+    if job.state == "waiting_for_lock":
+        lease = session.get(Lease, job.database_id)
+        holder = job.waiting_on_job_id or (lease.holder_job_id if lease else None)
+        out["lock"]["held_by_job"] = holder if holder != job.id else None
+    if with_steps:
+        steps = session.scalars(
+            select(JobStep).where(JobStep.job_id == job.id).order_by(JobStep.id)
+        )
+        out["steps"] = [serialize_step(s) for s in steps]
+    return out
+
+
+def serialize_step(step: JobStep) -> dict[str, Any]:
+    return {
+        "revisions": step.revisions,
+        "direction": step.direction,
+        "state": step.state,
+        "message": step.message,
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
+        "duration_ms": round(step.duration_ms, 3),
+        "sql": step.sql,
+        "sha256": step.sha256,
+        "fencing_token": step.fencing_token,
+    }

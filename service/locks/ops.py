@@ -1,0 +1,81 @@
+"""Leases on target databases, fenced by a token that only ever grows."""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db import epoch_now
+from service.locks.models import Lease
+
+
+class FencedOutError(Exception):
+    """This holder's token is no longer the lease's: a newer holder took over."""
+
+
+def try_acquire(session: Session, database_id: int, job_id: int, holder: str, ttl: float):
+    """Grant the lease if it is free or expired; return (token, None) or (None, holder job)."""
+    now = epoch_now(session.bind.dialect.name)
+    granted = session.execute(
+        update(Lease)
+        .where(
+            Lease.database_id == database_id,
+            or_(Lease.holder_job_id.is_(None), Lease.expires_at < now),
+        )
+        .values(
+            token=Lease.token + 1,
+            holder_job_id=job_id,
+            holder=holder,
+            acquired_at=now,
+            expires_at=now + ttl,
+        )
+    ).rowcount
+    lease = session.execute(
+        select(Lease.token, Lease.holder_job_id).where(Lease.database_id == database_id)
+    ).one()
+    if granted:
+        return lease.token, None
+    return None, lease.holder_job_id
+
+
+def renew(session: Session, database_id: int, token: int, ttl: float) -> bool:
+    now = epoch_now(session.bind.dialect.name)
+    return bool(
+        session.execute(
+            update(Lease)
+            .where(
+                Lease.database_id == database_id,
+                Lease.token == token,
+                Lease.holder_job_id.is_not(None),
+            )
+            .values(expires_at=now + ttl)
+        ).rowcount
+    )
+
+
+def release(session: Session, database_id: int, token: int) -> bool:
+    return bool(
+        session.execute(
+            update(Lease)
+            .where(Lease.database_id == database_id, Lease.token == token)
+            .values(holder_job_id=None, holder=None, expires_at=None)
+        ).rowcount
+    )
+
+
+def check_fence(session: Session, database_id: int, token: int) -> None:
+    """Lock the lease row and raise unless `token` still holds it.
+
+    Called first in every transaction that writes on behalf of a lease holder,
+    so a takeover either happens before (and the write is refused) or waits
+    until the write committed.
+    """
+    current = session.execute(
+        select(Lease.token, Lease.holder_job_id)
+        .where(Lease.database_id == database_id)
+        .with_for_update()
+    ).one()
+    if current.token != token or current.holder_job_id is None:
+        raise FencedOutError(
+            f"fencing token {token} is stale: the lease is now at token {current.token}"
+        )

@@ -1,0 +1,28 @@
+from flask import Blueprint
+
+from service.app import actor, parse_json, services
+from service.db import transaction
+from service.projects.ops import create_project, get_project, list_projects, serialize_project
+from service.projects.schemas import ProjectCreate
+
+bp = Blueprint("projects", __name__)
+
+
+@bp.post("/projects")
+def post_project():
+    body = parse_json(ProjectCreate)
+    with transaction(services().sessions) as s:
+        project = create_project(s, body, actor())
+        return serialize_project(project), 201
+
+
+@bp.get("/projects")
+def index_projects():
+    with transaction(services().sessions) as s:
+        return {"projects": [serialize_project(p) for p in list_projects(s)]}
+
+
+@bp.get("/projects/<name>")
+def show_project(name: str):
+    with transaction(services().sessions) as s:
+        return serialize_project(get_project(s, name))

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,99}$")]
+SqlIdentifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")]
+
+
+class ProjectSettings(BaseModel):
+    """What a user's env.py would otherwise carry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    naming_convention: dict[str, str] | None = None
+    version_table: SqlIdentifier = "alembic_version"
+    version_table_schema: SqlIdentifier | None = None
+    lock_timeout_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
+    statement_timeout_ms: int | None = Field(default=None, ge=0, le=7 * 24 * 3600 * 1000)
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    settings: ProjectSettings = ProjectSettings()

@@ -1,0 +1,46 @@
+"""The one Celery app, built from Config; the API only sends tasks by name."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.config import Config
+
+RUN_JOB = "jobs.run"
+
+
+def make_celery(config: Config) -> Celery:
+    app = Celery("retort", broker=config.broker_url, backend=None)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue="retort",
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Must exceed the longest migration: a message redelivered early runs
+            # the task again; the job row's conditional claim makes that a no-op.
+            "visibility_timeout": 6 * 3600,
+        },
+        worker_hijack_root_logger=False,
+        worker_pool="prefork",
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+    return app
+
+
+class Dispatcher:
+    """Send job messages; the job row stays the record of truth if sending fails."""
+
+    def __init__(self, config: Config):
+        self._app = make_celery(config)
+
+    def send_job(self, job_id: int) -> None:
+        self._app.send_task(RUN_JOB, args=[job_id])
+
+    def ping(self) -> None:
+        with self._app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
