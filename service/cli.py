@@ -62,7 +62,7 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
         if config.embedded_broker:
             procs.append(start_embedded_redis(config.data_dir))
         procs.append(subprocess.Popen(api_command(config), env=env))
-        procs.append(subprocess.Popen(worker_command(workers), env=env))
+        procs.append(subprocess.Popen(worker_command(config, workers), env=env))
         token_where = (
             "RETORT_ADMIN_TOKEN" if os.environ.get("RETORT_ADMIN_TOKEN")
             else str(config.data_dir / "admin-token")
@@ -92,10 +92,12 @@ def api(port: int | None, threads: int, processes: int) -> None:
 
 @main.command()
 @click.option("--concurrency", default=2, show_default=True)
-def worker(concurrency: int) -> None:
+@click.option("--name", default="retort", show_default=True, help="Celery node name.")
+def worker(concurrency: int, name: str) -> None:
     """Run only a migration worker under Celery (production)."""
-    cmd = worker_command(concurrency)
-    os.execvp(cmd[0], cmd)
+    config = _config(None, None)
+    cmd = worker_command(config, concurrency, name)
+    os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 
 
 def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[str]:
@@ -107,14 +109,16 @@ def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[s
         "--threads", str(threads),
         "--timeout", "60",
         "--access-logfile", "-",
+        "--no-control-socket",
         "service.wsgi:app",
     ]
 
 
-def worker_command(concurrency: int) -> list[str]:
+def worker_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork", "--concurrency", str(concurrency), "-Q", "retort",
+        "--pool", "prefork", "--concurrency", str(concurrency), "-Q", config.queue,
+        "--hostname", f"{name}@%h",
         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
 

@@ -21,6 +21,8 @@ class Config:
     secret_keys: tuple[str, ...]
     port: int = 8080
     host: str = "127.0.0.1"
+    # The broker queue jobs go to (several Retorts may share one Redis).
+    queue: str = "retort"
     # Lease on a target database, held in Retort's own database.
     lease_ttl_s: float = 30.0
     # How long a job waits for the lease and the target's session lock.
@@ -89,6 +91,8 @@ class Config:
             "RETORT_ADMIN_TOKEN": self.admin_token,
             "RETORT_SECRET_KEY": ",".join(self.secret_keys),
             "RETORT_PORT": str(self.port),
+            "RETORT_HOST": self.host,
+            "RETORT_QUEUE": self.queue,
             "RETORT_LEASE_TTL_S": str(self.lease_ttl_s),
             "RETORT_LOCK_WAIT_TIMEOUT_S": str(self.lock_wait_timeout_s),
             "RETORT_CONNECT_ATTEMPTS": str(self.connect_attempts),

@@ -16,7 +16,7 @@ def make_celery(config: Config) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
-        task_default_queue="retort",
+        task_default_queue=config.queue,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Must exceed the longest migration: a message redelivered early runs
