@@ -343,10 +343,9 @@ class _StepRecorder:
         # Runs after the step's DDL and version-table update, before its COMMIT:
         # a fenced-out holder raises here and the step is rolled back.
         direction = "stamp" if step.is_stamp else ("up" if step.is_upgrade else "down")
-        revisions = list(step.up_revision_ids if step.is_upgrade or step.is_stamp
-                         else step.down_revision_ids)
-        if step.is_stamp:
-            revisions = list(step.up_revision_ids)
+        # up_revision_ids is the upper side of the step whatever its direction:
+        # the revisions applied by an upgrade, unapplied by a downgrade.
+        revisions = list(step.up_revision_ids)
         sql, self.statements = self.statements, []
         now = time.perf_counter()
         started_at, self.boundary_at = self.boundary_at, utcnow()
@@ -354,8 +353,7 @@ class _StepRecorder:
         self.boundary = now
         doc = step.up_revision.doc if step.up_revision is not None else None
         sha = self.sha_by_revision.get(revisions[0]) if revisions else None
-        up_ids, down_ids, is_upgrade = list(step.up_revision_ids), list(step.down_revision_ids), (
-            step.is_upgrade)
+        is_upgrade = step.is_upgrade
 
         def record(s: Session):
             s.add(JobStep(
@@ -364,13 +362,13 @@ class _StepRecorder:
                 fencing_token=self.ctx.token, started_at=started_at,
                 finished_at=self.boundary_at, duration_ms=duration,
             ))
-            if direction == "down" or (direction == "stamp" and not is_upgrade):
+            if not is_upgrade:
                 s.execute(delete(AppliedRevision).where(
                     AppliedRevision.database_id == self.ctx.database_id,
-                    AppliedRevision.revision.in_(down_ids),
+                    AppliedRevision.revision.in_(revisions),
                 ))
             else:
-                for rev in up_ids:
+                for rev in revisions:
                     s.merge(AppliedRevision(
                         database_id=self.ctx.database_id, revision=rev,
                         sha256=self.sha_by_revision.get(rev, ""), job_id=self.ctx.job_id,
