@@ -3,7 +3,7 @@
 import pytest
 import sqlalchemy as sa
 
-from tests.helpers import chain_bundle, register_db, revision, run_job, setup_project
+from tests.helpers import chain_bundle, make_tar, register_db, revision, run_job, setup_project
 
 DIALECTS = ["sqlite", "postgresql", "mysql"]
 
@@ -152,8 +152,8 @@ def test_changed_revision_file_is_refused(prod, new_db):
     assert run_job(c, db)["state"] == "succeeded"
     edited = chain_bundle(3)
     edited["versions/t001.py"] += "\n# edited after it was applied\n"
-    r = c.post(f"/v1/projects/{project}/bundles", raw=__import__("tests.helpers").helpers.make_tar(
-        edited), content_type="application/gzip")
+    r = c.post(f"/v1/projects/{project}/bundles", raw=make_tar(edited),
+               content_type="application/gzip")
     assert r.status == 201
     job = run_job(c, db)
     assert job["state"] == "failed"
