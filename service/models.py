@@ -9,6 +9,15 @@ from service.locks.models import Lease
 from service.projects.models import Project
 
 __all__ = [
-    "AppliedRevision", "AuditEvent", "AuditHead", "Base", "Bundle", "BundleFile",
-    "Database", "Job", "JobStep", "Lease", "Project",
+    "AppliedRevision",
+    "AuditEvent",
+    "AuditHead",
+    "Base",
+    "Bundle",
+    "BundleFile",
+    "Database",
+    "Job",
+    "JobStep",
+    "Lease",
+    "Project",
 ]

@@ -185,4 +185,3 @@ def connect_with_retries(
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
-

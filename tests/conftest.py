@@ -84,6 +84,7 @@ class Databases:
 @pytest.fixture(scope="session")
 def backends():
     """Fail the run at once when PostgreSQL, MariaDB or Redis is missing."""
+
     def ping_sql(url: str):
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         try:
@@ -112,16 +113,18 @@ def new_db(backends, tmp_path):
 
 def _base_env(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETORT_")}
-    env.update({
-        "RETORT_DATA_DIR": str(data_dir),
-        "RETORT_ADMIN_TOKEN": "test-admin-" + RUN_ID,
-        "RETORT_CONNECT_ATTEMPTS": "2",
-        "RETORT_CONNECT_BACKOFF_S": "0.1",
-        "RETORT_CONNECT_TIMEOUT_S": "2",
-        "RETORT_LEASE_TTL_S": "6",
-        "RETORT_LOCK_WAIT_TIMEOUT_S": "120",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "RETORT_DATA_DIR": str(data_dir),
+            "RETORT_ADMIN_TOKEN": "test-admin-" + RUN_ID,
+            "RETORT_CONNECT_ATTEMPTS": "2",
+            "RETORT_CONNECT_BACKOFF_S": "0.1",
+            "RETORT_CONNECT_TIMEOUT_S": "2",
+            "RETORT_LEASE_TTL_S": "6",
+            "RETORT_LOCK_WAIT_TIMEOUT_S": "120",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -132,12 +135,14 @@ def prod(backends, tmp_path_factory):
     state = backends.new("postgresql")
     port = free_port()
     env = _base_env(data_dir)
-    env.update({
-        "RETORT_DATABASE_URL": state,
-        "RETORT_BROKER_URL": REDIS,
-        "RETORT_QUEUE": f"retort-test-{RUN_ID}",
-        "RETORT_PORT": str(port),
-    })
+    env.update(
+        {
+            "RETORT_DATABASE_URL": state,
+            "RETORT_BROKER_URL": REDIS,
+            "RETORT_QUEUE": f"retort-test-{RUN_ID}",
+            "RETORT_PORT": str(port),
+        }
+    )
     from cryptography.fernet import Fernet
 
     env["RETORT_SECRET_KEY"] = Fernet.generate_key().decode()
@@ -162,10 +167,19 @@ def embedded(backends, tmp_path_factory):
     env.pop("RETORT_ADMIN_TOKEN")
     server = Retort(env, port, "", data_dir)
     try:
-        server.spawn("serve", [
-            sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-            "--data-dir", str(data_dir),
-        ])
+        server.spawn(
+            "serve",
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
+        )
         server.wait_ready()
         server.token = (data_dir / "admin-token").read_text().strip()
         yield server

@@ -45,8 +45,14 @@ class Client:
         self.token = token
 
     def request(
-        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-        content_type: str | None = None, token: str | None = "default",
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str | None = None,
+        token: str | None = "default",
         headers: dict[str, str] | None = None,
     ) -> Response:
         data = raw
@@ -106,8 +112,12 @@ def _decode(data: bytes) -> Any:
 
 
 def revision(
-    rev: str, down: str | tuple[str, ...] | None, upgrade: str = "pass",
-    downgrade: str = "pass", message: str | None = None, head: str = "",
+    rev: str,
+    down: str | tuple[str, ...] | None,
+    upgrade: str = "pass",
+    downgrade: str = "pass",
+    message: str | None = None,
+    head: str = "",
     branch_labels: str | None = None,
 ) -> str:
     """The source of one Alembic revision script."""
@@ -117,9 +127,13 @@ def revision(
         f"{head}\n"
         f"revision = {rev!r}\ndown_revision = {down!r}\n"
         f"branch_labels = {branch_labels!r}\ndepends_on = None\n\n\n"
-        f"def upgrade():\n{textwrap.indent(textwrap.dedent(upgrade).strip() or 'pass', '    ')}\n\n\n"
-        f"def downgrade():\n{textwrap.indent(textwrap.dedent(downgrade).strip() or 'pass', '    ')}\n"
+        f"def upgrade():\n{_body(upgrade)}\n\n\n"
+        f"def downgrade():\n{_body(downgrade)}\n"
     )
+
+
+def _body(code: str) -> str:
+    return textwrap.indent(textwrap.dedent(code).strip() or "pass", "    ")
 
 
 def make_tar(files: dict[str, str | bytes]) -> bytes:
@@ -171,7 +185,11 @@ class Retort:
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                args,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
                 start_new_session=True,
             )
         proc.name = name  # type: ignore[attr-defined]
@@ -179,10 +197,19 @@ class Retort:
         return proc
 
     def start_worker(self, name: str, concurrency: int = 1) -> subprocess.Popen:
-        return self.spawn(name, [
-            sys.executable, "-m", "service.cli", "worker", "--concurrency", str(concurrency),
-            "--name", name,
-        ])
+        return self.spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--name",
+                name,
+            ],
+        )
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -206,7 +233,7 @@ class Retort:
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                p.terminate()  # the leader stops its own children
         for p in self.procs:
             try:
                 p.wait(timeout=20)
@@ -225,7 +252,9 @@ def unique(prefix: str) -> str:
 
 
 def setup_project(
-    client: Client, files: dict[str, str | bytes] | None = None, settings: dict | None = None,
+    client: Client,
+    files: dict[str, str | bytes] | None = None,
+    settings: dict | None = None,
     name: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Create a project and upload a bundle; return (name, bundle)."""

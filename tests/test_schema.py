@@ -23,10 +23,12 @@ def test_alembic_private_api_retort_relies_on(tmp_path):
 
     versions = tmp_path / "versions"
     versions.mkdir()
-    (versions / "a.py").write_text("revision = 'a'\ndown_revision = None\n"
-                                   "def upgrade(): pass\ndef downgrade(): pass\n")
-    (versions / "b.py").write_text("revision = 'b'\ndown_revision = 'a'\n"
-                                   "def upgrade(): pass\ndef downgrade(): pass\n")
+    (versions / "a.py").write_text(
+        "revision = 'a'\ndown_revision = None\ndef upgrade(): pass\ndef downgrade(): pass\n"
+    )
+    (versions / "b.py").write_text(
+        "revision = 'b'\ndown_revision = 'a'\ndef upgrade(): pass\ndef downgrade(): pass\n"
+    )
     script = ScriptDirectory(str(tmp_path), version_locations=[str(versions)])
     up = script._upgrade_revs("head", ())
     assert [s.revision.revision for s in up] == ["a", "b"]

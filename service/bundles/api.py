@@ -9,8 +9,12 @@ from service.projects.ops import get_project
 
 bp = Blueprint("bundles", __name__)
 
-GZIP_TYPES = {"application/gzip", "application/x-gzip", "application/x-tar+gzip",
-              "application/octet-stream"}
+GZIP_TYPES = {
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-tar+gzip",
+    "application/octet-stream",
+}
 
 
 @bp.post("/projects/<name>/bundles")
@@ -26,7 +30,9 @@ def post_bundle(name: str):
     parsed = parse_bundle(
         request.get_data(cache=False),
         Limits(
-            config.max_bundle_bytes, config.max_bundle_expanded_bytes, config.max_bundle_files,
+            config.max_bundle_bytes,
+            config.max_bundle_expanded_bytes,
+            config.max_bundle_files,
             config.max_bundle_file_bytes,
         ),
     )

@@ -96,9 +96,7 @@ def read_archive(data: bytes, limits: Limits) -> dict[str, bytes]:
                 if member.isdir():
                     continue
                 if member.issym() or member.islnk():
-                    raise BundleError(
-                        f"{name}: links are not allowed in a bundle", {"file": name}
-                    )
+                    raise BundleError(f"{name}: links are not allowed in a bundle", {"file": name})
                 if not member.isfile():
                     raise BundleError(
                         f"{name}: only regular files and directories are allowed "
@@ -168,7 +166,7 @@ def parse_bundle(data: bytes, limits: Limits) -> ParsedBundle:
                 {"file": path, "line": line},
                 code="bundle_syntax_error",
             ) from None
-        in_versions = path.startswith(prefix) and "/" not in path[len(prefix):]
+        in_versions = path.startswith(prefix) and "/" not in path[len(prefix) :]
         name = posixpath.basename(path)
         if in_versions and name != "__init__.py" and not name.startswith(".#"):
             revisions.append(_describe_revision(path, tree, source))
@@ -176,9 +174,7 @@ def parse_bundle(data: bytes, limits: Limits) -> ParsedBundle:
         raise BundleError(f"{versions_path or '.'}/ holds no revision scripts")
     heads, bases, ordered = _check_graph(revisions)
     digest = hashlib.sha256(
-        "".join(
-            f"{p}\0{hashlib.sha256(files[p]).hexdigest()}\n" for p in sorted(files)
-        ).encode()
+        "".join(f"{p}\0{hashlib.sha256(files[p]).hexdigest()}\n" for p in sorted(files)).encode()
     ).hexdigest()
     return ParsedBundle(digest, files, versions_path, ordered, heads, bases)
 
@@ -199,8 +195,7 @@ def _find_versions_dir(files: dict[str, bytes]) -> str:
     top = sorted(c for c in candidates if c.count("/") == depth)
     if len(top) > 1:
         raise BundleError(
-            "the archive holds several versions/ directories at the same depth: "
-            + ", ".join(top),
+            "the archive holds several versions/ directories at the same depth: " + ", ".join(top),
             {"versions_dirs": top},
         )
     return top[0]
@@ -271,8 +266,7 @@ def _describe_revision(path: str, tree: ast.Module, source: bytes) -> dict[str, 
 
 def _is_empty(func: ast.FunctionDef) -> bool:
     body = [
-        n for n in func.body
-        if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+        n for n in func.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
     ]
     return all(isinstance(n, ast.Pass) for n in body)
 

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 from service.audit.ops import record_event
 from service.bundles.archive import ParsedBundle
 from service.bundles.models import Bundle, BundleFile
+from service.db import iso
 from service.errors import NotFoundError
 from service.projects.models import Project
-from service.db import iso
 
 
 def store_bundle(
@@ -40,13 +40,18 @@ def store_bundle(
     session.flush()
     session.add_all(
         BundleFile(
-            bundle_pk=bundle.pk, path=path, sha256=hashlib.sha256(content).hexdigest(),
+            bundle_pk=bundle.pk,
+            path=path,
+            sha256=hashlib.sha256(content).hexdigest(),
             content=content,
         )
         for path, content in parsed.files.items()
     )
     record_event(
-        session, "bundle.uploaded", actor=actor, project=project.name,
+        session,
+        "bundle.uploaded",
+        actor=actor,
+        project=project.name,
         data={"bundle": bundle.digest, "heads": bundle.heads, "revisions": len(bundle.revisions)},
     )
     return bundle, True
@@ -93,10 +98,19 @@ def serialize_bundle(bundle: Bundle, project: Project, graph: bool) -> dict[str,
     }
     if graph:
         out["revisions"] = [
-            {k: r[k] for k in (
-                "id", "down_revisions", "branch_labels", "depends_on", "message", "sha256",
-                "has_downgrade", "path",
-            )}
+            {
+                k: r[k]
+                for k in (
+                    "id",
+                    "down_revisions",
+                    "branch_labels",
+                    "depends_on",
+                    "message",
+                    "sha256",
+                    "has_downgrade",
+                    "path",
+                )
+            }
             for r in bundle.revisions
         ]
     else:

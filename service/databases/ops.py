@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from service import targets
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
 from service.crypto import SecretBox
@@ -18,7 +19,6 @@ from service.errors import ConflictError, NotFoundError
 from service.locks.models import Lease
 from service.projects.models import Project
 from service.projects.ops import get_project
-from service import targets
 
 
 def create_database(
@@ -40,7 +40,11 @@ def create_database(
     session.flush()
     session.add(Lease(database_id=db.id, token=0))
     record_event(
-        session, "database.registered", actor=actor, project=project.name, database=db.name,
+        session,
+        "database.registered",
+        actor=actor,
+        project=project.name,
+        database=db.name,
         data={"url": db.url_masked, "tags": db.tags},
     )
     return db, project
@@ -62,10 +66,7 @@ def list_databases(
     rows = list(session.execute(query.order_by(Database.name)).tuples())
     if tag:
         key, _, value = tag.partition("=")
-        rows = [
-            (d, p) for d, p in rows
-            if key in d.tags and (not value or d.tags[key] == value)
-        ]
+        rows = [(d, p) for d, p in rows if key in d.tags and (not value or d.tags[key] == value)]
     return rows
 
 

@@ -38,7 +38,10 @@ def index_jobs():
     params = parse_query(JobList)
     with transaction(services().sessions) as s:
         jobs, cursor = list_jobs(s, params)
-        return {"jobs": [serialize_job(s, j, with_steps=False) for j in jobs], "next_cursor": cursor}
+        return {
+            "jobs": [serialize_job(s, j, with_steps=False) for j in jobs],
+            "next_cursor": cursor,
+        }
 
 
 @bp.post("/jobs/<int:job_id>/cancel")

@@ -39,7 +39,11 @@ def create_job(session: Session, body: JobCreate, actor: str) -> Job:
     session.add(job)
     session.flush()
     record_event(
-        session, "job.requested", actor=actor, project=project.name, database=db.name,
+        session,
+        "job.requested",
+        actor=actor,
+        project=project.name,
+        database=db.name,
         job_id=job.id,
         data={"action": job.action, "target": job.target, "bundle": bundle.digest},
     )
@@ -97,7 +101,11 @@ def cancel_job(session: Session, job_id: int, actor: str) -> Job:
     db = session.get(Database, job.database_id)
     project = session.get(Project, job.project_id)
     record_event(
-        session, "job.cancelled", actor=actor, project=project.name, database=db.name,
+        session,
+        "job.cancelled",
+        actor=actor,
+        project=project.name,
+        database=db.name,
         job_id=job.id,
     )
     return job

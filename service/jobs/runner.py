@@ -77,8 +77,14 @@ class JobContext:
 
     def audit(self, s: Session, event: str, data: dict | None = None) -> None:
         record_event(
-            s, event, actor="worker", project=self.project, database=self.database,
-            job_id=self.job_id, fencing_token=self.token, data=data,
+            s,
+            event,
+            actor="worker",
+            project=self.project,
+            database=self.database,
+            job_id=self.job_id,
+            fencing_token=self.token,
+            data=data,
         )
 
 
@@ -104,8 +110,13 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
         db = s.get(Database, job.database_id)
         project = s.get(Project, job.project_id)
         record_event(
-            s, "job.claimed", actor="worker", project=project.name, database=db.name,
-            job_id=job_id, data={"worker": worker},
+            s,
+            "job.claimed",
+            actor="worker",
+            project=project.name,
+            database=db.name,
+            job_id=job_id,
+            data={"worker": worker},
         )
         database_id, db_name, project_name = db.id, db.name, project.name
 
@@ -117,7 +128,9 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
     )
     ctx.write(
         lambda s: s.execute(
-            update(Job).where(Job.id == job_id).values(fencing_token=token, lock_waited_ms=waited_ms)
+            update(Job)
+            .where(Job.id == job_id)
+            .values(fencing_token=token, lock_waited_ms=waited_ms)
         ),
         event="lease.granted",
         data={"waited_ms": waited_ms, "ttl_s": config.lease_ttl_s},
@@ -163,9 +176,7 @@ def _acquire_lease(config, sessions, job_id, database_id, worker) -> tuple[int |
             if state != "waiting_for_lock":
                 log.info("job %s left waiting_for_lock (%s) before it got the lease", job_id, state)
                 return None, 0
-            token, holder = leases.try_acquire(
-                s, database_id, job_id, worker, config.lease_ttl_s
-            )
+            token, holder = leases.try_acquire(s, database_id, job_id, worker, config.lease_ttl_s)
             if token is not None:
                 s.execute(update(Job).where(Job.id == job_id).values(waiting_on_job_id=None))
                 return token, int((time.monotonic() - started) * 1000)
@@ -207,8 +218,9 @@ def _heartbeat(ctx: JobContext, pid: int, lost: threading.Event, done: threading
             log.exception("job %s: lease renewal failed; retrying", ctx.job_id)
             continue
         if not ok:
-            log.error("job %s lost its lease (token %s); stopping its migration", ctx.job_id,
-                      ctx.token)
+            log.error(
+                "job %s lost its lease (token %s); stopping its migration", ctx.job_id, ctx.token
+            )
             lost.set()
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -279,8 +291,11 @@ def _run_in_child(parent_ctx: JobContext) -> None:
     except Exception as exc:  # noqa: BLE001 - any other error ends the job with its reason
         log.exception("job %s failed unexpectedly", ctx.job_id)
         message = f"{type(exc).__name__}: {exc}"
-        _fail(ctx, {"code": "internal_error", "message": message, "revision": None,
-                    "statement": None}, url)
+        _fail(
+            ctx,
+            {"code": "internal_error", "message": message, "revision": None, "statement": None},
+            url,
+        )
 
 
 def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
@@ -356,29 +371,51 @@ class _StepRecorder:
         is_upgrade = step.is_upgrade
 
         def record(s: Session):
-            s.add(JobStep(
-                job_id=self.ctx.job_id, revisions=revisions, direction=direction,
-                state="applied", message=doc, sql=sql, sha256=sha,
-                fencing_token=self.ctx.token, started_at=started_at,
-                finished_at=self.boundary_at, duration_ms=duration,
-            ))
+            s.add(
+                JobStep(
+                    job_id=self.ctx.job_id,
+                    revisions=revisions,
+                    direction=direction,
+                    state="applied",
+                    message=doc,
+                    sql=sql,
+                    sha256=sha,
+                    fencing_token=self.ctx.token,
+                    started_at=started_at,
+                    finished_at=self.boundary_at,
+                    duration_ms=duration,
+                )
+            )
             if not is_upgrade:
-                s.execute(delete(AppliedRevision).where(
-                    AppliedRevision.database_id == self.ctx.database_id,
-                    AppliedRevision.revision.in_(revisions),
-                ))
+                s.execute(
+                    delete(AppliedRevision).where(
+                        AppliedRevision.database_id == self.ctx.database_id,
+                        AppliedRevision.revision.in_(revisions),
+                    )
+                )
             else:
                 for rev in revisions:
-                    s.merge(AppliedRevision(
-                        database_id=self.ctx.database_id, revision=rev,
-                        sha256=self.sha_by_revision.get(rev, ""), job_id=self.ctx.job_id,
-                        applied_at=utcnow(),
-                    ))
+                    s.merge(
+                        AppliedRevision(
+                            database_id=self.ctx.database_id,
+                            revision=rev,
+                            sha256=self.sha_by_revision.get(rev, ""),
+                            job_id=self.ctx.job_id,
+                            applied_at=utcnow(),
+                        )
+                    )
 
-        self.ctx.write(record, event="step.applied", data={
-            "revisions": revisions, "direction": direction, "duration_ms": round(duration, 3),
-            "statements": len(sql), "sha256": sha,
-        })
+        self.ctx.write(
+            record,
+            event="step.applied",
+            data={
+                "revisions": revisions,
+                "direction": direction,
+                "duration_ms": round(duration, 3),
+                "statements": len(sql),
+                "sha256": sha,
+            },
+        )
         self.applied += 1
 
 
@@ -423,11 +460,13 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
     try:
         _take_session_lock(ctx, conn, url)
         started = ctx.write(
-            lambda s: s.execute(
-                update(Job)
-                .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
-                .values(state="running", started_at=utcnow())
-            ).rowcount,
+            lambda s: (
+                s.execute(
+                    update(Job)
+                    .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
+                    .values(state="running", started_at=utcnow())
+                ).rowcount
+            ),
             event="job.started",
         )
         if not started:
@@ -435,9 +474,11 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
         targets.apply_session_settings(conn, url, ctx.settings)
         from_heads = targets.read_heads(conn, ctx.settings)
         conn.commit()  # the autobegin trap: Alembic must start from no transaction
-        ctx.write(lambda s: s.execute(
-            update(Job).where(Job.id == ctx.job_id).values(from_heads=from_heads)
-        ))
+        ctx.write(
+            lambda s: s.execute(
+                update(Job).where(Job.id == ctx.job_id).values(from_heads=from_heads)
+            )
+        )
         sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
         _check_checksums(ctx, sha_by_revision, from_heads)
         root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
@@ -448,13 +489,25 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
         conn.commit()
 
         def succeed(s: Session):
-            s.execute(update(Job).where(Job.id == ctx.job_id).values(
-                state="succeeded", to_heads=to_heads, finished_at=utcnow(),
-            ))
+            s.execute(
+                update(Job)
+                .where(Job.id == ctx.job_id)
+                .values(
+                    state="succeeded",
+                    to_heads=to_heads,
+                    finished_at=utcnow(),
+                )
+            )
 
-        ctx.write(succeed, event="job.succeeded", data={
-            "from_heads": from_heads, "to_heads": to_heads, "steps": recorder.applied,
-        })
+        ctx.write(
+            succeed,
+            event="job.succeeded",
+            data={
+                "from_heads": from_heads,
+                "to_heads": to_heads,
+                "steps": recorder.applied,
+            },
+        )
     finally:
         try:
             conn.rollback()
@@ -467,19 +520,26 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
 
 def _check_checksums(ctx: JobContext, sha_by_revision: dict[str, str], current: list[str]):
     with transaction(ctx.sessions) as s:
-        applied = dict(s.execute(
-            select(AppliedRevision.revision, AppliedRevision.sha256)
-            .where(AppliedRevision.database_id == ctx.database_id)
-        ).tuples().all())
+        applied = dict(
+            s.execute(
+                select(AppliedRevision.revision, AppliedRevision.sha256).where(
+                    AppliedRevision.database_id == ctx.database_id
+                )
+            )
+            .tuples()
+            .all()
+        )
     changed = sorted(
-        rev for rev, sha in applied.items()
+        rev
+        for rev, sha in applied.items()
         if rev in sha_by_revision and sha and sha_by_revision[rev] != sha
     )
     if changed:
         raise JobFailure(
             "revision_changed",
             f"revision {changed[0]} was applied from a different file than the bundle carries "
-            f"(applied sha256 {applied[changed[0]][:12]}, bundle {sha_by_revision[changed[0]][:12]});"
+            f"(applied sha256 {applied[changed[0]][:12]}, "
+            f"bundle {sha_by_revision[changed[0]][:12]});"
             " revision files must not change once applied: add a new revision instead",
             revision=changed[0],
             revisions=changed,
@@ -523,7 +583,10 @@ def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder
 
     settings = ctx.settings
     env = EnvironmentContext(
-        AlembicConfig(), script, fn=plan, destination_rev=target,
+        AlembicConfig(),
+        script,
+        fn=plan,
+        destination_rev=target,
     )
     sa.event.listen(conn, "before_cursor_execute", recorder.on_sql)
     try:
@@ -536,7 +599,8 @@ def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder
                 version_table_schema=settings.get("version_table_schema"),
                 target_metadata=(
                     sa.MetaData(naming_convention=settings["naming_convention"])
-                    if settings.get("naming_convention") else sa.MetaData()
+                    if settings.get("naming_convention")
+                    else sa.MetaData()
                 ),
             )
             recorder.start()
@@ -546,9 +610,7 @@ def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder
         raise
     except CommandError as exc:
         if not planned:
-            raise JobFailure(
-                "invalid_target", f"cannot {action} to {target}: {exc}"
-            ) from None
+            raise JobFailure("invalid_target", f"cannot {action} to {target}: {exc}") from None
         raise _step_failure(ctx, conn, url, planned, recorder, exc) from None
     except Exception as exc:  # noqa: BLE001 - a revision raised
         if not planned:
@@ -609,19 +671,29 @@ def _step_failure(ctx, conn, url, planned, recorder: _StepRecorder, exc) -> JobF
     duration = (time.perf_counter() - recorder.boundary) * 1000 if recorder.boundary else 0.0
 
     def record(s: Session):
-        s.add(JobStep(
-            job_id=ctx.job_id, revisions=[revision] if revision else [],
-            direction="up" if getattr(failed, "is_upgrade", True) else "down",
-            state="failed", message=doc, sql=[targets.scrub(x, url) for x in sql],
-            sha256=recorder.sha_by_revision.get(revision) if revision else None,
-            fencing_token=ctx.token, started_at=recorder.boundary_at or now, finished_at=now,
-            duration_ms=duration,
-        ))
+        s.add(
+            JobStep(
+                job_id=ctx.job_id,
+                revisions=[revision] if revision else [],
+                direction="up" if getattr(failed, "is_upgrade", True) else "down",
+                state="failed",
+                message=doc,
+                sql=[targets.scrub(x, url) for x in sql],
+                sha256=recorder.sha_by_revision.get(revision) if revision else None,
+                fencing_token=ctx.token,
+                started_at=recorder.boundary_at or now,
+                finished_at=now,
+                duration_ms=duration,
+            )
+        )
         s.execute(update(Job).where(Job.id == ctx.job_id).values(to_heads=heads_now))
 
     ctx.write(record, event="step.failed", data={"revision": revision, "error": message})
     return JobFailure(
-        code, summary, revision=revision,
+        code,
+        summary,
+        revision=revision,
         statement=targets.scrub(statement, url) if statement else None,
-        database_message=message, database_heads=heads_now,
+        database_message=message,
+        database_heads=heads_now,
     )

@@ -20,8 +20,8 @@ class JobList(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     database: str | None = None
-    state: Literal[
-        "queued", "waiting_for_lock", "running", "succeeded", "failed", "cancelled"
-    ] | None = None
+    state: (
+        Literal["queued", "waiting_for_lock", "running", "succeeded", "failed", "cancelled"] | None
+    ) = None
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None

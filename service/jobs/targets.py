@@ -47,9 +47,11 @@ def check_target(bundle: Bundle, action: str, target: str) -> str:
         raise MultipleHeadsError(
             f"the bundle has {len(heads)} heads ({', '.join(heads)}): "
             "use `heads` to reach all of them or `<branch>@head` for one",
-            {"field": "target", "heads": heads, "suggestions": ["heads"] + [
-                f"{h}@head" for h in heads
-            ]},
+            {
+                "field": "target",
+                "heads": heads,
+                "suggestions": ["heads"] + [f"{h}@head" for h in heads],
+            },
         )
     if target in ("head", "heads", "base"):
         return target
@@ -71,7 +73,8 @@ def check_target(bundle: Bundle, action: str, target: str) -> str:
         ) from None
     if not found:
         raise InvalidError(
-            f"unknown revision {ref!r}", {"field": "target", "revision": ref},
+            f"unknown revision {ref!r}",
+            {"field": "target", "revision": ref},
             code="unknown_revision",
         )
     return target

@@ -8,10 +8,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.audit.ops import record_event
+from service.db import iso
 from service.errors import ConflictError, NotFoundError
 from service.projects.models import Project
 from service.projects.schemas import ProjectCreate
-from service.db import iso
 
 
 def create_project(session: Session, body: ProjectCreate, actor: str) -> Project:
@@ -21,7 +21,10 @@ def create_project(session: Session, body: ProjectCreate, actor: str) -> Project
     session.add(project)
     session.flush()
     record_event(
-        session, "project.created", actor=actor, project=project.name,
+        session,
+        "project.created",
+        actor=actor,
+        project=project.name,
         data={"settings": project.settings},
     )
     return project
@@ -44,4 +47,3 @@ def serialize_project(project: Project) -> dict[str, Any]:
         "settings": project.settings,
         "created_at": iso(project.created_at),
     }
-

@@ -64,7 +64,9 @@ def test_audit_pages_with_cursor_and_filters(prod, new_db):
     assert {e["project"] for e in everything} == {project}
     seqs, cursor = [], None
     while True:
-        page = c.get(f"/v1/audit?project={project}&limit=3" + (f"&cursor={cursor}" if cursor else ""))
+        page = c.get(
+            f"/v1/audit?project={project}&limit=3" + (f"&cursor={cursor}" if cursor else "")
+        )
         seqs += [e["seq"] for e in page.body["events"]]
         cursor = page.body["next_cursor"]
         if not cursor:

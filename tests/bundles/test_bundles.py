@@ -33,8 +33,9 @@ def test_bundle_graph_describes_each_revision(prod):
     c = prod.client
     files = {
         "alembic/versions/a.py": revision("a", None, message="create users"),
-        "alembic/versions/b.py": revision("b", "a", downgrade="op.drop_table('x')",
-                                          branch_labels="feature"),
+        "alembic/versions/b.py": revision(
+            "b", "a", downgrade="op.drop_table('x')", branch_labels="feature"
+        ),
         "alembic/versions/c.py": revision("c", "a"),
         "alembic/versions/m.py": revision("m", ("b", "c"), message="merge"),
         "alembic/env.py": "# not used by Retort\n",
@@ -90,10 +91,14 @@ def test_unsafe_archives_are_refused_naming_the_file(prod):
     cases = {
         "absolute": (_tar_with(_member("/etc/x.py", size=2), b"x=1"), "/etc/x.py"),
         "dotdot": (_tar_with(_member("../escape.py", size=2), b"x=1"), "../escape.py"),
-        "symlink": (_tar_with(_member("versions/l.py", tarfile.SYMTYPE, link="/etc/passwd")),
-                    "versions/l.py"),
-        "hardlink": (_tar_with(_member("versions/h.py", tarfile.LNKTYPE, link="versions/a.py")),
-                     "versions/h.py"),
+        "symlink": (
+            _tar_with(_member("versions/l.py", tarfile.SYMTYPE, link="/etc/passwd")),
+            "versions/l.py",
+        ),
+        "hardlink": (
+            _tar_with(_member("versions/h.py", tarfile.LNKTYPE, link="versions/a.py")),
+            "versions/h.py",
+        ),
         "device": (_tar_with(_member("versions/dev", tarfile.CHRTYPE)), "versions/dev"),
     }
     for label, (data, name) in cases.items():
@@ -108,13 +113,22 @@ def test_broken_scripts_and_graphs_are_refused(prod):
     cases = {
         "syntax": ({"versions/a.py": "def upgrade(:\n"}, "bundle_syntax_error", "versions/a.py"),
         "missing down": ({"versions/b.py": revision("b", "nope")}, "missing_revision", "nope"),
-        "cycle": ({"versions/a.py": revision("a", "b"), "versions/b.py": revision("b", "a")},
-                  "invalid_revision_graph", "ycle"),
-        "duplicate": ({"versions/a.py": revision("a", None), "versions/a2.py": revision("a", None)},
-                      "duplicate_revision", "versions/a2.py"),
+        "cycle": (
+            {"versions/a.py": revision("a", "b"), "versions/b.py": revision("b", "a")},
+            "invalid_revision_graph",
+            "ycle",
+        ),
+        "duplicate": (
+            {"versions/a.py": revision("a", None), "versions/a2.py": revision("a", None)},
+            "duplicate_revision",
+            "versions/a2.py",
+        ),
         "no versions": ({"x.py": "x = 1\n"}, "invalid_bundle", "versions/"),
-        "not a revision": ({"versions/a.py": revision("a", None), "versions/util.py": "X = 1\n"},
-                           "invalid_bundle", "versions/util.py"),
+        "not a revision": (
+            {"versions/a.py": revision("a", None), "versions/util.py": "X = 1\n"},
+            "invalid_bundle",
+            "versions/util.py",
+        ),
     }
     for label, (files, code, text) in cases.items():
         r = upload(c, project, make_tar(files))

@@ -48,13 +48,22 @@ def test_upgrade_downgrade_stamp_with_steps_and_audit(retort, new_db, dialect):
     events = c.get(f"/v1/audit?database={db}").body["events"]
     actions = [e["action"] for e in reversed(events) if e["job_id"] == job["id"]]
     assert actions == [
-        "job.requested", "job.claimed", "lease.granted", "job.started",
-        "step.applied", "step.applied", "step.applied", "job.succeeded", "lease.released",
+        "job.requested",
+        "job.claimed",
+        "lease.granted",
+        "job.started",
+        "step.applied",
+        "step.applied",
+        "step.applied",
+        "job.succeeded",
+        "lease.released",
     ]
     token = job["lock"]["fencing_token"]
-    assert all(e["fencing_token"] == token for e in events
-               if e["job_id"] == job["id"] and e["actor"] == "worker"
-               and e["action"] != "job.claimed")
+    assert all(
+        e["fencing_token"] == token
+        for e in events
+        if e["job_id"] == job["id"] and e["actor"] == "worker" and e["action"] != "job.claimed"
+    )
     assert c.get("/v1/audit/verify").body["ok"] is True
 
     down = run_job(c, db, action="downgrade", target="-1")
@@ -75,10 +84,13 @@ def test_upgrade_downgrade_stamp_with_steps_and_audit(retort, new_db, dialect):
 
 
 FAILING = {
-    "versions/f1.py": revision("f1", None, "op.create_table('base_t', sa.Column('id', sa.Integer))"),
+    "versions/f1.py": revision(
+        "f1", None, "op.create_table('base_t', sa.Column('id', sa.Integer))"
+    ),
     "versions/f2.py": revision("f2", "f1", "op.add_column('base_t', sa.Column('x', sa.Integer))"),
     "versions/f3.py": revision(
-        "f3", "f2",
+        "f3",
+        "f2",
         """
         op.create_table('half_built', sa.Column('id', sa.Integer))
         op.execute('INSERT INTO no_such_table VALUES (1)')
@@ -118,8 +130,9 @@ def test_failing_revision_leaves_last_good_revision(retort, new_db, dialect):
         assert err["code"] == "revision_failed"
         assert "half_built" not in tables(url)
         assert "last good revision" in err["message"]
-    failed_events = [e for e in c.get(f"/v1/audit?job={job['id']}").body["events"]
-                     if e["action"] == "job.failed"]
+    failed_events = [
+        e for e in c.get(f"/v1/audit?job={job['id']}").body["events"] if e["action"] == "job.failed"
+    ]
     assert failed_events and failed_events[0]["data"]["error"]["revision"] == "f3"
 
 
@@ -128,16 +141,22 @@ def test_unreachable_target_fails_after_bounded_retries(prod, dialect):
     c = prod.client
     project, _ = setup_project(c, chain_bundle(1))
     port = 1  # nothing listens there
-    url = (f"postgresql://retort:s3cret-pw@127.0.0.1:{port}/x" if dialect == "postgresql"
-           else f"mysql://retort:s3cret-pw@127.0.0.1:{port}/x")
+    url = (
+        f"postgresql://retort:s3cret-pw@127.0.0.1:{port}/x"
+        if dialect == "postgresql"
+        else f"mysql://retort:s3cret-pw@127.0.0.1:{port}/x"
+    )
     db = register_db(c, project, url)
     job = run_job(c, db)
     assert job["state"] == "failed"
     assert job["error"]["code"] == "target_unreachable"
     assert "after 2 attempts" in job["error"]["message"]
     assert "s3cret-pw" not in str(job)
-    retries = [e for e in c.get(f"/v1/audit?job={job['id']}").body["events"]
-               if e["action"] == "target.connect_retry"]
+    retries = [
+        e
+        for e in c.get(f"/v1/audit?job={job['id']}").body["events"]
+        if e["action"] == "target.connect_retry"
+    ]
     assert len(retries) == 1
     # The lease was released: the next job gets it at once.
     again = run_job(c, db)
@@ -152,8 +171,9 @@ def test_changed_revision_file_is_refused(prod, new_db):
     assert run_job(c, db)["state"] == "succeeded"
     edited = chain_bundle(3)
     edited["versions/t001.py"] += "\n# edited after it was applied\n"
-    r = c.post(f"/v1/projects/{project}/bundles", raw=make_tar(edited),
-               content_type="application/gzip")
+    r = c.post(
+        f"/v1/projects/{project}/bundles", raw=make_tar(edited), content_type="application/gzip"
+    )
     assert r.status == 201
     job = run_job(c, db)
     assert job["state"] == "failed"

@@ -129,16 +129,18 @@ def test_twenty_jobs_on_one_target_never_overlap(prod, new_db):
         rows = conn.exec_driver_sql("SELECT started, ended FROM job_log ORDER BY started").all()
     engine.dispose()
     assert len(rows) >= 2
-    for (s1, e1), (s2, _) in zip(rows, rows[1:]):
+    for (_s1, e1), (s2, _) in zip(rows, rows[1:]):
         assert e1 <= s2, "two migrations ran on the target at once"
     spans = sorted((j["started_at"], j["finished_at"]) for j in jobs)
-    for (s1, e1), (s2, _) in zip(spans, spans[1:]):
+    for (_s1, e1), (s2, _) in zip(spans, spans[1:]):
         assert e1 <= s2, "two jobs held the target at once"
     tokens = [j["lock"]["fencing_token"] for j in sorted(jobs, key=lambda j: j["started_at"])]
     assert tokens == sorted(tokens) and len(set(tokens)) == 20
-    workers = {e["data"]["worker"].split(":")[1] for e in
-               c.get(f"/v1/audit?database={db}&limit=1000").body["events"]
-               if e["action"] == "job.claimed"}
+    workers = {
+        e["data"]["worker"].split(":")[1]
+        for e in c.get(f"/v1/audit?database={db}&limit=1000").body["events"]
+        if e["action"] == "job.claimed"
+    }
     assert len(workers) >= 2, "both worker processes should have taken jobs"
 
 
@@ -155,7 +157,7 @@ def test_a_job_never_sees_another_projects_helper_modules(prod, new_db):
             "pkg/versions/h1.py": revision("h1", None, body),
         }
         project, _ = setup_project(c, files, name=unique(name))
-        for i in range(3):
+        for _i in range(3):
             url = new_db("sqlite")
             urls[url] = name
             db = register_db(c, project, url)

@@ -6,8 +6,11 @@ from tests.helpers import unique
 def test_create_and_read_project(prod):
     c = prod.client
     name = unique("svc")
-    settings = {"version_table": "svc_version", "lock_timeout_ms": 3000,
-                "naming_convention": {"ix": "ix_%(column_0_label)s"}}
+    settings = {
+        "version_table": "svc_version",
+        "lock_timeout_ms": 3000,
+        "naming_convention": {"ix": "ix_%(column_0_label)s"},
+    }
     r = c.post("/v1/projects", {"name": name, "settings": settings})
     assert r.status == 201, r
     assert r.body["name"] == name
