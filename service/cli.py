@@ -62,7 +62,9 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
         if config.embedded_broker:
             procs.append(start_embedded_redis(config.data_dir))
         procs.append(subprocess.Popen(api_command(config), env=env))
-        procs.append(subprocess.Popen(worker_command(config, workers), env=env))
+        procs.append(
+            subprocess.Popen(worker_command(config, workers) + beat_options(config), env=env)
+        )
         token_where = (
             "RETORT_ADMIN_TOKEN"
             if os.environ.get("RETORT_ADMIN_TOKEN")
@@ -99,6 +101,31 @@ def worker(concurrency: int, name: str) -> None:
     config = _config(None, None)
     cmd = worker_command(config, concurrency, name)
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
+
+
+@main.command()
+def beat() -> None:
+    """Run the scheduler of the job sweeper (production; one or more, it is idempotent)."""
+    config = _config(None, None)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "beat",
+        "--loglevel",
+        "INFO",
+        "--schedule",
+        str(config.data_dir / "celerybeat-schedule"),
+    ]
+    os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
+
+
+def beat_options(config: Config) -> list[str]:
+    """Embed the sweeper's scheduler in the embedded default's one worker."""
+    return ["--beat", "--schedule", str(config.data_dir / "celerybeat-schedule")]
 
 
 def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[str]:

@@ -23,6 +23,9 @@ class Config:
     host: str = "127.0.0.1"
     # The broker queue jobs go to (several Retorts may share one Redis).
     queue: str = "retort"
+    # The sweeper runs this often; a job queued this long is sent again.
+    sweep_interval_s: float = 10.0
+    redispatch_after_s: float = 300.0
     # Lease on a target database, held in Retort's own database.
     lease_ttl_s: float = 30.0
     # How long a job waits for the lease and the target's session lock.
@@ -101,6 +104,8 @@ class Config:
             "RETORT_HOST": self.host,
             "RETORT_QUEUE": self.queue,
             "RETORT_LEASE_TTL_S": str(self.lease_ttl_s),
+            "RETORT_SWEEP_INTERVAL_S": str(self.sweep_interval_s),
+            "RETORT_REDISPATCH_AFTER_S": str(self.redispatch_after_s),
             "RETORT_LOCK_WAIT_TIMEOUT_S": str(self.lock_wait_timeout_s),
             "RETORT_CONNECT_ATTEMPTS": str(self.connect_attempts),
             "RETORT_CONNECT_BACKOFF_S": str(self.connect_backoff_s),

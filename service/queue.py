@@ -7,6 +7,7 @@ from celery import Celery
 from service.config import Config
 
 RUN_JOB = "jobs.run"
+SWEEP = "jobs.sweep"
 
 
 def make_celery(config: Config) -> Celery:
@@ -28,6 +29,13 @@ def make_celery(config: Config) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
         enable_utc=True,
+        beat_schedule={
+            "sweep": {
+                "task": SWEEP,
+                "schedule": config.sweep_interval_s,
+                "options": {"expires": config.sweep_interval_s},
+            }
+        },
     )
     return app
 

@@ -122,6 +122,8 @@ def _base_env(data_dir: Path) -> dict[str, str]:
             "RETORT_CONNECT_TIMEOUT_S": "2",
             "RETORT_LEASE_TTL_S": "6",
             "RETORT_LOCK_WAIT_TIMEOUT_S": "120",
+            "RETORT_SWEEP_INTERVAL_S": "1",
+            "RETORT_REDISPATCH_AFTER_S": "3",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -152,6 +154,7 @@ def prod(backends, tmp_path_factory):
         server.spawn("api", [sys.executable, "-m", "service.cli", "api", "--port", str(port)])
         server.start_worker("w1")
         server.start_worker("w2")
+        server.spawn("beat", [sys.executable, "-m", "service.cli", "beat"])
         server.wait_ready()
         yield server
     finally:

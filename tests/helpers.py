@@ -179,6 +179,10 @@ class Retort:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
+    def state_url(self) -> str:
+        return self.env.get("RETORT_DATABASE_URL") or f"sqlite:///{self.log_dir / 'retort.db'}"
+
+    @property
     def client(self) -> Client:
         return Client(f"http://127.0.0.1:{self.port}", self.token)
 

@@ -132,6 +132,7 @@ def upgrade() -> None:
         sa.Column("fencing_token", sa.BigInteger(), nullable=True),
         sa.Column("lock_waited_ms", sa.Integer(), nullable=True),
         sa.Column("waiting_on_job_id", sa.Integer(), nullable=True),
+        sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("worker", sa.String(length=200), nullable=True),
         sa.Column("requested_by", sa.String(length=100), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

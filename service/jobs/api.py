@@ -4,7 +4,14 @@ from flask import Blueprint, url_for
 
 from service.app import actor, parse_json, parse_query, services
 from service.db import transaction
-from service.jobs.ops import cancel_job, create_job, get_job, list_jobs, serialize_job
+from service.jobs.ops import (
+    cancel_job,
+    create_job,
+    get_job,
+    list_jobs,
+    mark_dispatched,
+    serialize_job,
+)
 from service.jobs.schemas import JobCreate, JobList
 
 bp = Blueprint("jobs", __name__)
@@ -20,9 +27,13 @@ def post_job():
     # the job stays queued and the sweeper sends it again.
     try:
         services().dispatcher.send_job(job.id)
+        sent = True
     except Exception:  # noqa: BLE001
-        log.exception("could not send job %s to the broker; it stays queued", job.id)
+        log.exception("could not send job %s to the broker; the sweeper will", job.id)
+        sent = False
     with transaction(services().sessions) as s:
+        if sent:
+            mark_dispatched(s, job.id)
         out = serialize_job(s, get_job(s, job.id))
     return out, 202, {"Location": url_for("jobs.show_job", job_id=job.id)}
 

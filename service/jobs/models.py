@@ -33,6 +33,8 @@ class Job(Base):
     fencing_token: Mapped[int | None] = mapped_column(BigInteger, default=None)
     lock_waited_ms: Mapped[int | None] = mapped_column(Integer, default=None)
     waiting_on_job_id: Mapped[int | None] = mapped_column(default=None)
+    # When the message was last handed to the broker (None: it never was).
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     requested_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -50,6 +50,10 @@ def create_job(session: Session, body: JobCreate, actor: str) -> Job:
     return job
 
 
+def mark_dispatched(session: Session, job_id: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+
+
 def get_job(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:

@@ -8,15 +8,15 @@ import sqlalchemy as sa
 from tests.helpers import chain_bundle, register_db, run_job, setup_project
 
 
-def test_chain_verifies_and_database_refuses_edits(prod, new_db):
-    c = prod.client
+def test_chain_verifies_and_database_refuses_edits(retort, new_db):
+    c = retort.client
     project, _ = setup_project(c, chain_bundle(1))
     db = register_db(c, project, new_db("sqlite"))
     assert run_job(c, db)["state"] == "succeeded"
     result = c.get("/v1/audit/verify").body
     assert result["ok"] is True and result["events"] > 5 and result["first_bad"] is None
 
-    engine = sa.create_engine(prod.env["RETORT_DATABASE_URL"], poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(retort.state_url, poolclass=sa.pool.NullPool)
     with pytest.raises(sa.exc.DBAPIError, match="append-only"):
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE audit_events SET actor = 'mallory'")
