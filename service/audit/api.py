@@ -1,10 +1,8 @@
 from flask import Blueprint
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
 from service.app import parse_query, services
-from service.audit.models import AuditEvent
-from service.audit.ops import serialize_event, verify_chain
+from service.audit.ops import list_events, serialize_event, verify_chain
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
 
@@ -24,22 +22,18 @@ class AuditList(BaseModel):
 @bp.get("/audit")
 def index_audit():
     params = parse_query(AuditList)
-    query = select(AuditEvent)
-    if params.database:
-        query = query.where(AuditEvent.database == params.database)
-    if params.project:
-        query = query.where(AuditEvent.project == params.project)
-    if params.job:
-        query = query.where(AuditEvent.job_id == params.job)
-    if params.cursor:
-        query = query.where(AuditEvent.seq < decode_cursor(params.cursor))
     with transaction(services().sessions) as s:
-        events = list(s.scalars(query.order_by(AuditEvent.seq.desc()).limit(params.limit + 1)))
-    more = len(events) > params.limit
-    events = events[: params.limit]
+        events, cursor = list_events(
+            s,
+            database=params.database,
+            project=params.project,
+            job=params.job,
+            limit=params.limit,
+            before=decode_cursor(params.cursor) if params.cursor else None,
+        )
     return {
         "events": [serialize_event(e) for e in events],
-        "next_cursor": encode_cursor(events[-1].seq) if more else None,
+        "next_cursor": encode_cursor(cursor) if cursor else None,
     }
 
 

@@ -114,6 +114,31 @@ def verify_chain(session: Session, batch: int = 5000) -> dict[str, Any]:
     return {"ok": True, "events": count, "first_bad": None}
 
 
+def list_events(
+    session: Session,
+    *,
+    database: str | None,
+    project: str | None,
+    job: int | None,
+    limit: int,
+    before: int | None,
+) -> tuple[list[AuditEvent], int | None]:
+    """Return one page of events, newest first, and the seq to continue before."""
+    query = select(AuditEvent)
+    if database:
+        query = query.where(AuditEvent.database == database)
+    if project:
+        query = query.where(AuditEvent.project == project)
+    if job:
+        query = query.where(AuditEvent.job_id == job)
+    if before:
+        query = query.where(AuditEvent.seq < before)
+    events = list(session.scalars(query.order_by(AuditEvent.seq.desc()).limit(limit + 1)))
+    more = len(events) > limit
+    events = events[:limit]
+    return events, events[-1].seq if more else None
+
+
 def serialize_event(event: AuditEvent) -> dict[str, Any]:
     out = _hashed_fields(event)
     out["hash"] = event.hash

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy import select
@@ -81,6 +82,8 @@ def read_live_heads(
 ) -> tuple[list[str] | None, str | None]:
     """Read the target's current heads; return (heads, None) or (None, why not)."""
     url = targets.normalize_url(box.decrypt(db.url_encrypted))
+    if url.get_backend_name() == "sqlite" and not os.path.exists(url.database):
+        return [], None  # not created yet: at base (and a read must not create it)
     engine = targets.make_target_engine(url, timeout)
     try:
         with engine.connect() as conn:

@@ -75,6 +75,18 @@ class JobContext:
                 self.audit(s, event, data)
             return result
 
+    def finish(self, s: Session, values: dict[str, Any], event: str, data: dict) -> None:
+        """End the job and release its lease in one transaction (already fenced)."""
+        count = s.execute(
+            update(Job)
+            .where(Job.id == self.job_id, Job.state.in_(("waiting_for_lock", "running")))
+            .values(finished_at=utcnow(), **values)
+        ).rowcount
+        if count:
+            self.audit(s, event, data)
+        if leases.release(s, self.database_id, self.token):
+            self.audit(s, "lease.released")
+
     def audit(self, s: Session, event: str, data: dict | None = None) -> None:
         record_event(
             s,
@@ -218,6 +230,10 @@ def _heartbeat(ctx: JobContext, pid: int, lost: threading.Event, done: threading
             log.exception("job %s: lease renewal failed; retrying", ctx.job_id)
             continue
         if not ok:
+            with transaction(ctx.sessions) as s:
+                state = s.scalar(select(Job.state).where(Job.id == ctx.job_id))
+            if state in ("succeeded", "failed", "cancelled"):
+                return  # the job ended and released its lease itself
             log.error(
                 "job %s lost its lease (token %s); stopping its migration", ctx.job_id, ctx.token
             )
@@ -302,14 +318,10 @@ def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
     error = {k: targets.scrub(v, url) if isinstance(v, str) else v for k, v in error.items()}
 
     def mark(s: Session):
-        s.execute(
-            update(Job)
-            .where(Job.id == ctx.job_id, Job.state.in_(("waiting_for_lock", "running")))
-            .values(state="failed", error=error, finished_at=utcnow())
-        )
+        ctx.finish(s, {"state": "failed", "error": error}, "job.failed", {"error": error})
 
     try:
-        ctx.write(mark, event="job.failed", data={"error": error})
+        ctx.write(mark)
     except FencedOutError as exc:
         log.error("job %s: %s; not recording its failure", ctx.job_id, exc)
 
@@ -441,7 +453,8 @@ def _connect(ctx: JobContext, url: URL) -> tuple[sa.Engine, Connection]:
     return engine, conn
 
 
-def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> None:
+def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> int:
+    """Poll the target's session lock with backoff; return how long it took (ms)."""
     started = time.monotonic()
     delay = 0.02
     while not targets.try_session_lock(conn, url, ctx.settings):
@@ -453,22 +466,29 @@ def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> None:
             )
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+    return int((time.monotonic() - started) * 1000)
 
 
 def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> None:
     engine, conn = _connect(ctx, url)
     try:
-        _take_session_lock(ctx, conn, url)
-        started = ctx.write(
-            lambda s: (
-                s.execute(
-                    update(Job)
-                    .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
-                    .values(state="running", started_at=utcnow())
-                ).rowcount
-            ),
-            event="job.started",
-        )
+        waited_ms = _take_session_lock(ctx, conn, url)
+
+        def start(s: Session) -> int:
+            count = s.execute(
+                update(Job)
+                .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
+                .values(
+                    state="running",
+                    started_at=utcnow(),
+                    lock_waited_ms=Job.lock_waited_ms + waited_ms,
+                )
+            ).rowcount
+            if count:
+                ctx.audit(s, "job.started", {"target_lock_waited_ms": waited_ms})
+            return count
+
+        started = ctx.write(start)
         if not started:
             return  # cancelled while waiting: nothing was touched
         targets.apply_session_settings(conn, url, ctx.settings)
@@ -489,25 +509,14 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
         conn.commit()
 
         def succeed(s: Session):
-            s.execute(
-                update(Job)
-                .where(Job.id == ctx.job_id)
-                .values(
-                    state="succeeded",
-                    to_heads=to_heads,
-                    finished_at=utcnow(),
-                )
+            ctx.finish(
+                s,
+                {"state": "succeeded", "to_heads": to_heads},
+                "job.succeeded",
+                {"from_heads": from_heads, "to_heads": to_heads, "steps": recorder.applied},
             )
 
-        ctx.write(
-            succeed,
-            event="job.succeeded",
-            data={
-                "from_heads": from_heads,
-                "to_heads": to_heads,
-                "steps": recorder.applied,
-            },
-        )
+        ctx.write(succeed)
     finally:
         try:
             conn.rollback()

@@ -57,7 +57,11 @@ def release(session: Session, database_id: int, token: int) -> bool:
     return bool(
         session.execute(
             update(Lease)
-            .where(Lease.database_id == database_id, Lease.token == token)
+            .where(
+                Lease.database_id == database_id,
+                Lease.token == token,
+                Lease.holder_job_id.is_not(None),
+            )
             .values(holder_job_id=None, holder=None, expires_at=None)
         ).rowcount
     )
