@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -42,6 +44,13 @@ def normalize_url(raw: str) -> URL:
             f"unsupported database type {url.drivername!r}: use postgresql, mysql, "
             "mariadb or sqlite",
             {"field": "url", "supported": ["postgresql", "mysql", "mariadb", "sqlite"]},
+        )
+    secret_keys = sorted(k for k in url.query if k.lower() in ("password", "sslpassword"))
+    if secret_keys:
+        raise InvalidError(
+            f"put the password in the URL's user part (user:password@host), not in the query "
+            f"string ({', '.join(secret_keys)}): only that part is masked everywhere",
+            {"field": "url"},
         )
     url = url.set(drivername=driver)
     if driver == "sqlite" and (not url.database or url.database == ":memory:"):
@@ -129,9 +138,25 @@ def try_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> bo
     elif dialect == "mysql":
         got = conn.execute(sa.text("SELECT GET_LOCK(:n, 0)"), {"n": name}).scalar() == 1
     else:
-        got = True  # SQLite has no session lock: the lease serializes jobs
+        got = _try_file_lock(conn, url)
     conn.commit()  # never leave a transaction open before Alembic starts (autobegin trap)
     return bool(got)
+
+
+def _try_file_lock(conn: Connection, url: URL) -> bool:
+    """SQLite has no session lock: flock a file beside the database instead.
+
+    Like a session lock it dies with the process, so a killed job frees it.
+    """
+    fd = conn.info.get("retort_lock_fd")
+    if fd is None:
+        fd = os.open(f"{url.database}.retort-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        conn.info["retort_lock_fd"] = fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def release_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> None:
@@ -141,6 +166,10 @@ def release_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     elif dialect == "mysql":
         conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
+    else:
+        fd = conn.info.pop("retort_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
     conn.commit()
 
 

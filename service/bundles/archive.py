@@ -95,6 +95,10 @@ def read_archive(data: bytes, limits: Limits) -> dict[str, bytes]:
                 name = _safe_name(member.name)
                 if member.isdir():
                     continue
+                if not name:
+                    raise BundleError(
+                        f"{member.name!r}: a file entry needs a name", {"file": member.name}
+                    )
                 if member.issym() or member.islnk():
                     raise BundleError(f"{name}: links are not allowed in a bundle", {"file": name})
                 if not member.isfile():
@@ -126,6 +130,7 @@ def read_archive(data: bytes, limits: Limits) -> dict[str, bytes]:
         raise BundleError(f"the archive cannot be read: {exc}") from None
     if not files:
         raise BundleError("the archive holds no files")
+    _check_tree(files)
     return files
 
 
@@ -143,6 +148,18 @@ def _safe_name(raw: str) -> str:
     if ".." in parts:
         raise BundleError(f"{raw}: '..' is not allowed in a path", {"file": raw})
     return "/".join(parts)
+
+
+def _check_tree(files: dict[str, bytes]) -> None:
+    """Refuse a path that is both a file and a directory (`a` and `a/b`)."""
+    for name in files:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in files:
+                raise BundleError(
+                    f"{prefix}: is both a file and a directory in the archive", {"file": prefix}
+                )
 
 
 def parse_bundle(data: bytes, limits: Limits) -> ParsedBundle:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,14 @@ from service.config import Config
 from service.crypto import SecretBox
 from service.databases.models import AppliedRevision, Database
 from service.db import make_engine, make_sessionmaker, transaction, utcnow
-from service.jobs.models import Job, JobStep
+from service.jobs.models import FINAL_STATES, Job, JobStep
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 from service.projects.models import Project
 
 log = logging.getLogger("retort.worker")
+_RELATIVE = re.compile(r"^[+-]\d+$")
+_DDL = re.compile(r"^\s*(CREATE|ALTER|DROP|RENAME|TRUNCATE)\b", re.IGNORECASE)
 
 
 class JobFailure(Exception):
@@ -132,21 +134,11 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
         )
         database_id, db_name, project_name = db.id, db.name, project.name
 
-    token, waited_ms = _acquire_lease(config, sessions, job_id, database_id, worker)
-    if token is None:
-        return "not_started"
     ctx = JobContext(
-        job_id, database_id, db_name, project_name, project.settings, token, sessions, config
+        job_id, database_id, db_name, project_name, project.settings, 0, sessions, config
     )
-    ctx.write(
-        lambda s: s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(fencing_token=token, lock_waited_ms=waited_ms)
-        ),
-        event="lease.granted",
-        data={"waited_ms": waited_ms, "ttl_s": config.lease_ttl_s},
-    )
+    if not _acquire_lease(ctx, worker):
+        return "not_started"
 
     pid = os.fork()
     if pid == 0:  # the child: run the migration, never return into Celery
@@ -154,9 +146,10 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
             _run_in_child(ctx)
-        except BaseException:  # noqa: BLE001 - the parent records the crash
-            traceback.print_exc()
+        except BaseException as exc:  # noqa: BLE001 - the parent records the crash
+            print(f"job {job_id}: migration process failed: {type(exc).__name__}", file=sys.stderr)
             code = 70
         finally:
             sys.stdout.flush()
@@ -169,34 +162,67 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
         target=_heartbeat, args=(ctx, pid, lost, done), name=f"lease-{job_id}", daemon=True
     )
     beat.start()
+    status = None
     try:
         _, status = os.waitpid(pid, 0)
     finally:
         done.set()
+        if status is None:  # interrupted (time limit, shutdown): never orphan the child
+            _kill(pid)
+            _, status = os.waitpid(pid, 0)
         beat.join()
-    _finalize(ctx, os.waitstatus_to_exitcode(status), lost.is_set())
+        _finalize(ctx, os.waitstatus_to_exitcode(status), lost.is_set())
     return "done"
 
 
-def _acquire_lease(config, sessions, job_id, database_id, worker) -> tuple[int | None, int]:
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child if the pool process that forked it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _acquire_lease(ctx: JobContext, worker: str) -> bool:
+    """Wait for the lease; on the grant, record the token on the job in the same transaction."""
+    config, job_id = ctx.config, ctx.job_id
     started = time.monotonic()
     delay = 0.02
     announced_holder = None
     while True:
-        with transaction(sessions) as s:
+        with transaction(ctx.sessions) as s:
             state = s.scalar(select(Job.state).where(Job.id == job_id))
             if state != "waiting_for_lock":
                 log.info("job %s left waiting_for_lock (%s) before it got the lease", job_id, state)
-                return None, 0
-            token, holder = leases.try_acquire(s, database_id, job_id, worker, config.lease_ttl_s)
+                return False
+            token, holder = leases.try_acquire(
+                s, ctx.database_id, job_id, worker, config.lease_ttl_s
+            )
             if token is not None:
-                s.execute(update(Job).where(Job.id == job_id).values(waiting_on_job_id=None))
-                return token, int((time.monotonic() - started) * 1000)
+                waited_ms = int((time.monotonic() - started) * 1000)
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(waiting_on_job_id=None, fencing_token=token, lock_waited_ms=waited_ms)
+                )
+                ctx.token = token
+                ctx.audit(s, "lease.granted", {"waited_ms": waited_ms, "ttl_s": config.lease_ttl_s})
+                return True
             if holder != announced_holder:
                 s.execute(update(Job).where(Job.id == job_id).values(waiting_on_job_id=holder))
                 announced_holder = holder
         if time.monotonic() - started > config.lock_wait_timeout_s:
-            with transaction(sessions) as s:
+            with transaction(ctx.sessions) as s:
                 failed = s.execute(
                     update(Job)
                     .where(Job.id == job_id, Job.state == "waiting_for_lock")
@@ -214,69 +240,68 @@ def _acquire_lease(config, sessions, job_id, database_id, worker) -> tuple[int |
                     )
                 ).rowcount
                 if failed:
-                    _audit_plain(s, job_id, "job.failed", {"code": "lock_timeout"})
-            return None, 0
+                    ctx.audit(s, "job.failed", {"code": "lock_timeout"})
+            return False
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
 
 
 def _heartbeat(ctx: JobContext, pid: int, lost: threading.Event, done: threading.Event) -> None:
-    interval = ctx.config.lease_ttl_s / 3
-    while not done.wait(interval):
+    """Renew the lease; stop the migration once the lease is lost or cannot be renewed."""
+    ttl = ctx.config.lease_ttl_s
+    last_ok = time.monotonic()
+    while not done.wait(ttl / 3):
         try:
             with transaction(ctx.sessions) as s:
-                ok = leases.renew(s, ctx.database_id, ctx.token, ctx.config.lease_ttl_s)
-        except Exception:  # noqa: BLE001 - state DB blip: try again next beat
-            log.exception("job %s: lease renewal failed; retrying", ctx.job_id)
+                ok = leases.renew(s, ctx.database_id, ctx.token, ttl)
+        except Exception:  # noqa: BLE001 - state DB blip: try again until the TTL is spent
+            log.exception("job %s: lease renewal failed", ctx.job_id)
+            if time.monotonic() - last_ok < ttl * 0.9:
+                continue
+            ok = False
+        if ok:
+            last_ok = time.monotonic()
             continue
-        if not ok:
+        # Lost, taken over, or past its TTL: another job may already hold the
+        # database, so this migration must not go on. A job that already ended
+        # released the lease itself; its child is only closing connections.
+        _kill(pid)
+        try:
             with transaction(ctx.sessions) as s:
                 state = s.scalar(select(Job.state).where(Job.id == ctx.job_id))
-            if state in ("succeeded", "failed", "cancelled"):
-                return  # the job ended and released its lease itself
+        except Exception:  # noqa: BLE001
+            state = None
+        if state not in ("succeeded", "failed", "cancelled"):
             log.error(
-                "job %s lost its lease (token %s); stopping its migration", ctx.job_id, ctx.token
+                "job %s lost its lease (token %s); stopped its migration", ctx.job_id, ctx.token
             )
             lost.set()
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return
+        return
 
 
 def _finalize(ctx: JobContext, exit_code: int, lost: bool) -> None:
     """After the child: fail a job the child could not finish, release the lease."""
-    with transaction(ctx.sessions) as s:
-        job = s.get(Job, ctx.job_id)
-        if job.state in ("waiting_for_lock", "running") and job.fencing_token == ctx.token:
-            code = "lease_lost" if lost else "worker_crashed"
-            message = (
-                "the job lost its lease (heartbeat failed) and was stopped"
-                if lost
-                else f"the migration process ended unexpectedly (exit code {exit_code})"
-            )
-            try:
-                leases.check_fence(s, ctx.database_id, ctx.token)
-            except FencedOutError:
-                log.warning("job %s: fenced out, leaving its state to the new holder", ctx.job_id)
-                return
-            job.state = "failed"
-            job.finished_at = utcnow()
-            job.error = {"code": code, "message": message, "revision": None, "statement": None}
-            ctx.audit(s, "job.failed", {"code": code, "exit_code": exit_code})
-    with transaction(ctx.sessions) as s:
-        if leases.release(s, ctx.database_id, ctx.token):
-            ctx.audit(s, "lease.released")
-
-
-def _audit_plain(s: Session, job_id: int, event: str, data: dict) -> None:
-    job = s.get(Job, job_id)
-    db = s.get(Database, job.database_id)
-    project = s.get(Project, job.project_id)
-    record_event(
-        s, event, actor="worker", project=project.name, database=db.name, job_id=job_id, data=data
+    code = "lease_lost" if lost else "worker_crashed"
+    message = (
+        "the job lost its lease (its heartbeat could not renew it) and was stopped"
+        if lost
+        else f"the migration process ended unexpectedly (exit code {exit_code})"
     )
+    error = {"code": code, "message": message, "revision": None, "statement": None}
+    with transaction(ctx.sessions) as s:
+        if s.scalar(select(Job.state).where(Job.id == ctx.job_id)) in FINAL_STATES:
+            return  # the child ended the job and released the lease itself
+    try:
+        ctx.write(
+            lambda s: ctx.finish(
+                s,
+                {"state": "failed", "error": error},
+                "job.failed",
+                {"code": code, "exit_code": exit_code},
+            )
+        )
+    except FencedOutError:
+        log.warning("job %s: fenced out, leaving its state to the new holder", ctx.job_id)
 
 
 # --------------------------------------------------------------------------
@@ -297,16 +322,16 @@ def _run_in_child(parent_ctx: JobContext) -> None:
             bundle = s.get(Bundle, job.bundle_pk)
             url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(db.url_encrypted))
             action, target = job.action, job.target
-            bundle_dir = materialize_bundle(s, bundle, config.bundle_cache_dir)
             versions_path, revisions = bundle.versions_path, bundle.revisions
+        bundle_dir = materialize_bundle(sessions, bundle, config.bundle_cache_dir)
         _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions)
     except FencedOutError as exc:
         log.error("job %s: %s; its writes stop here", ctx.job_id, exc)
     except JobFailure as exc:
         _fail(ctx, exc.error, url)
     except Exception as exc:  # noqa: BLE001 - any other error ends the job with its reason
-        log.exception("job %s failed unexpectedly", ctx.job_id)
-        message = f"{type(exc).__name__}: {exc}"
+        message = targets.scrub(f"{type(exc).__name__}: {exc}", url)
+        log.error("job %s failed unexpectedly: %s", ctx.job_id, message)
         _fail(
             ctx,
             {"code": "internal_error", "message": message, "revision": None, "statement": None},
@@ -326,17 +351,23 @@ def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
         log.error("job %s: %s; not recording its failure", ctx.job_id, exc)
 
 
-def materialize_bundle(s: Session, bundle: Bundle, cache_dir: Path) -> Path:
+def materialize_bundle(sessions: sessionmaker[Session], bundle: Bundle, cache_dir: Path) -> Path:
     """Write a bundle's files under the cache directory once (atomic rename)."""
     final = cache_dir / bundle.digest
     if final.is_dir():
         return final
+    with transaction(sessions) as s:
+        files = bundle_files(s, bundle)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
-    for path, content in bundle_files(s, bundle).items():
-        dest = tmp / path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(content)
+    try:
+        for path, content in files.items():
+            dest = tmp / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(content)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, final)
     except OSError:  # another process won the race; its copy is identical
@@ -348,6 +379,7 @@ def materialize_bundle(s: Session, bundle: Bundle, cache_dir: Path) -> Path:
 class _StepRecorder:
     ctx: JobContext
     sha_by_revision: dict[str, str]
+    url: URL
     statements: list[str] = field(default_factory=list)
     applied: int = 0
     boundary: float = 0.0
@@ -364,7 +396,7 @@ class _StepRecorder:
         if parameters:
             shown = json.dumps(parameters, default=str)
             text += f"  -- parameters: {shown[:500]}"
-        self.statements.append(text)
+        self.statements.append(targets.scrub(text, self.url))
 
     def on_version_apply(self, ctx, step, heads, run_args) -> None:
         # Runs after the step's DDL and version-table update, before its COMMIT:
@@ -503,7 +535,7 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
         _check_checksums(ctx, sha_by_revision, from_heads)
         root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
         script = _load_scripts(root, bundle_dir / versions_path)
-        recorder = _StepRecorder(ctx, sha_by_revision)
+        recorder = _StepRecorder(ctx, sha_by_revision, url)
         _run_alembic(ctx, conn, url, script, action, target, recorder)
         to_heads = targets.read_heads(conn, ctx.settings)
         conn.commit()
@@ -581,6 +613,12 @@ def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder
     planned: list[Any] = []
 
     def plan(rev, _context):
+        if _RELATIVE.match(target) and len(rev) > 1:
+            raise JobFailure(
+                "ambiguous_relative_target",
+                f"relative target {target} is ambiguous: the database has {len(rev)} heads "
+                f"({', '.join(sorted(rev))}); use a revision id or branch@{target}",
+            )
         if action == "upgrade":
             steps = script._upgrade_revs(target, rev)
         elif action == "downgrade":
@@ -615,7 +653,7 @@ def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder
             recorder.start()
             with env.begin_transaction():
                 env.run_migrations()
-    except FencedOutError:
+    except (FencedOutError, JobFailure):
         raise
     except CommandError as exc:
         if not planned:
@@ -659,22 +697,32 @@ def _step_failure(ctx, conn, url, planned, recorder: _StepRecorder, exc) -> JobF
     except Exception:  # noqa: BLE001
         heads_now = None
     dialect = targets.dialect_of(url)
-    partial = dialect == "mysql" and any(
-        not s.lstrip().upper().startswith(("SELECT", "SET")) for s in sql
-    )
-    if partial:
+    version_table = ctx.settings.get("version_table") or "alembic_version"
+    # What the failed step ran before the failing statement, minus Alembic's own
+    # version-table bookkeeping: on MySQL each DDL statement of it is committed.
+    ran = sql[:-1] if statement and sql and statement.strip() in sql[-1] else sql
+    partial = dialect == "mysql" and any(_DDL.match(q) and version_table not in q for q in ran)
+    where = ", ".join(heads_now) if heads_now else "base"
+    if heads_now is None:
+        code = "needs_attention"
+        summary = (
+            f"revision {revision} failed and the database's state could not be read back "
+            f"afterwards; check its version table before retrying. Error: {message}"
+        )
+    elif partial:
         code = "needs_attention"
         summary = (
             f"revision {revision} failed on MySQL/MariaDB, where DDL commits implicitly: "
             f"statements of {revision} that ran before the failure are still applied, while the "
-            f"version table says {', '.join(heads_now or []) or 'base'}. Inspect the database, "
-            f"undo or finish {revision} by hand, then stamp. Error: {message}"
+            f"version table says {where}. Inspect the database, undo or finish {revision} by "
+            f"hand, then stamp. Error: {message}"
         )
     else:
         code = "revision_failed"
+        rolled = "was rolled back" if dialect != "mysql" else "changed nothing"
         summary = (
-            f"revision {revision} failed and was rolled back; the database is at "
-            f"{', '.join(heads_now or []) or 'base'} (its last good revision). Error: {message}"
+            f"revision {revision} failed and {rolled}; the database is at {where} "
+            f"(its last good revision). Error: {message}"
         )
     now = utcnow()
     duration = (time.perf_counter() - recorder.boundary) * 1000 if recorder.boundary else 0.0

@@ -124,6 +124,11 @@ def test_broken_scripts_and_graphs_are_refused(prod):
             "versions/a2.py",
         ),
         "no versions": ({"x.py": "x = 1\n"}, "invalid_bundle", "versions/"),
+        "file and dir": (
+            {"versions/a.py": revision("a", None), "lib": "x", "lib/m.py": "y"},
+            "invalid_bundle",
+            "both a file and a directory",
+        ),
         "not a revision": (
             {"versions/a.py": revision("a", None), "versions/util.py": "X = 1\n"},
             "invalid_bundle",

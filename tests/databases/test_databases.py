@@ -63,6 +63,12 @@ def test_live_state_filters_and_errors(prod, new_db):
     r = c.post("/v1/databases", {"name": unique("d"), "project": project})
     assert r.status == 422 and r.body["error"]["details"]["field"] == "url"
     assert c.get("/v1/databases/nope").status == 404
+    r = c.post(
+        "/v1/databases",
+        {"name": unique("d"), "project": project, "url": "postgresql://u@h/db?password=hidden"},
+    )
+    assert r.status == 422 and "query string" in r.body["error"]["message"]
+    assert "hidden" not in str(r.body)
 
 
 def test_unreachable_target_reports_why_without_the_password(prod):

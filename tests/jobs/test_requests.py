@@ -2,7 +2,7 @@
 
 import time
 
-from tests.helpers import register_db, revision, run_job, setup_project, unique
+from tests.helpers import make_tar, register_db, revision, run_job, setup_project, unique
 
 BRANCHED = {
     "versions/a.py": revision("a", None),
@@ -185,3 +185,21 @@ def test_bundle_upload_with_wrong_project_bundle_is_404(prod, new_db):
     db = register_db(c, p2, new_db("sqlite"))
     r = c.post("/v1/jobs", {"database": db, "target": "heads", "bundle": b1["id"]})
     assert r.status == 404
+
+
+def test_relative_target_is_refused_when_the_database_has_several_heads(prod, new_db):
+    """The bundle has one head (a merge), but the database still sits on two branches."""
+    c = prod.client
+    project, _ = setup_project(c, BRANCHED)
+    db = register_db(c, project, new_db("sqlite"))
+    assert run_job(c, db, target="heads")["to_heads"] == ["b", "c"]
+    merged = {**BRANCHED, "versions/m.py": revision("m", ("b", "c"), message="merge")}
+    r = c.post(
+        f"/v1/projects/{project}/bundles", raw=make_tar(merged), content_type="application/gzip"
+    )
+    assert r.status == 201 and r.body["heads"] == ["m"]
+    job = run_job(c, db, action="downgrade", target="-1")
+    assert job["state"] == "failed"
+    assert job["error"]["code"] == "ambiguous_relative_target"
+    assert "b, c" in job["error"]["message"]
+    assert run_job(c, db, target="head")["to_heads"] == ["m"]
