@@ -19,6 +19,7 @@ from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
 from service.jobs.models import Job
+from service.locks import ops as leases
 from service.locks.models import Lease
 from service.projects.models import Project
 
@@ -84,11 +85,7 @@ def fail_jobs_with_expired_leases(session: Session) -> list[int]:
         ).rowcount
         if not done:
             continue
-        session.execute(
-            update(Lease)
-            .where(Lease.database_id == lease.database_id, Lease.token == lease.token)
-            .values(holder_job_id=None, holder=None, expires_at=None)
-        )
+        leases.release(session, lease.database_id, lease.token)
         db = session.get(Database, job.database_id)
         project = session.get(Project, job.project_id)
         record_event(

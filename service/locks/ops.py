@@ -38,33 +38,28 @@ def try_acquire(session: Session, database_id: int, job_id: int, holder: str, tt
     return None, lease.holder_job_id
 
 
+def _held(database_id: int, token: int):
+    """The lease row of `database_id` while `token` still holds it."""
+    return (
+        Lease.database_id == database_id,
+        Lease.token == token,
+        Lease.holder_job_id.is_not(None),
+    )
+
+
 def renew(session: Session, database_id: int, token: int, ttl: float) -> bool:
     now = epoch_now(session.bind.dialect.name)
-    return bool(
-        session.execute(
-            update(Lease)
-            .where(
-                Lease.database_id == database_id,
-                Lease.token == token,
-                Lease.holder_job_id.is_not(None),
-            )
-            .values(expires_at=now + ttl)
-        ).rowcount
-    )
+    stmt = update(Lease).where(*_held(database_id, token)).values(expires_at=now + ttl)
+    return bool(session.execute(stmt).rowcount)
 
 
 def release(session: Session, database_id: int, token: int) -> bool:
-    return bool(
-        session.execute(
-            update(Lease)
-            .where(
-                Lease.database_id == database_id,
-                Lease.token == token,
-                Lease.holder_job_id.is_not(None),
-            )
-            .values(holder_job_id=None, holder=None, expires_at=None)
-        ).rowcount
+    stmt = (
+        update(Lease)
+        .where(*_held(database_id, token))
+        .values(holder_job_id=None, holder=None, expires_at=None)
     )
+    return bool(session.execute(stmt).rowcount)
 
 
 def check_fence(session: Session, database_id: int, token: int) -> None:
