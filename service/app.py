@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from service.config import Config
 from service.crypto import SecretBox
-from service.db import make_engine, make_sessionmaker
+from service.db import make_engine, make_sessionmaker, transaction
 from service.errors import (
     InvalidError,
     PayloadTooLargeError,
@@ -23,7 +26,11 @@ from service.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
+from service.idempotency import ops as idempotency
+from service.idempotency.ops import check_key
+from service.jobs.watch import JobWatcher
 from service.queue import Dispatcher
+from service.webhooks import outbox
 
 log = logging.getLogger("retort.api")
 
@@ -34,6 +41,7 @@ class Services:
     sessions: sessionmaker[Session]
     box: SecretBox
     dispatcher: Dispatcher
+    watcher: JobWatcher
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -42,11 +50,15 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_bundle_bytes
     app.json.sort_keys = False
     engine = make_engine(config.database_url)
+    sessions = make_sessionmaker(engine)
+    dispatcher = Dispatcher(config)
+    outbox.attach(sessions, config, dispatcher)
     app.extensions["retort"] = Services(
         config=config,
-        sessions=make_sessionmaker(engine),
+        sessions=sessions,
         box=SecretBox(config.secret_keys),
-        dispatcher=Dispatcher(config),
+        dispatcher=dispatcher,
+        watcher=JobWatcher(sessions, config.watch_interval_s, config.max_waiters),
     )
 
     from service.audit.api import bp as audit_bp
@@ -54,8 +66,9 @@ def create_app(config: Config | None = None) -> Flask:
     from service.databases.api import bp as databases_bp
     from service.jobs.api import bp as jobs_bp
     from service.projects.api import bp as projects_bp
+    from service.webhooks.api import bp as webhooks_bp
 
-    for bp in (projects_bp, bundles_bp, databases_bp, jobs_bp, audit_bp):
+    for bp in (projects_bp, bundles_bp, databases_bp, jobs_bp, audit_bp, webhooks_bp):
         app.register_blueprint(bp, url_prefix="/v1")
 
     @app.before_request
@@ -69,6 +82,8 @@ def create_app(config: Config | None = None) -> Flask:
         if not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
             raise UnauthorizedError("the token is not valid")
         g.actor = "admin"
+        # Idempotency keys belong to the token that sent them, stored as a digest.
+        g.token_digest = hashlib.sha256(token.strip().encode()).hexdigest()
         return None
 
     @app.get("/healthz")
@@ -119,6 +134,40 @@ def services() -> Services:
 
 def actor() -> str:
     return g.actor
+
+
+def idempotent(
+    scope: str, payload: Any, create: Callable[[Session], tuple[str, int]]
+) -> tuple[str, int, bool]:
+    """Run `create` in a transaction once per Idempotency-Key; return (resource, status, replayed).
+
+    Without the header this is just a transaction. With it, a repeat of the
+    same request from the same token gets the first answer's resource and
+    status; the same key with another request is a 422. `create` returns the
+    resource it made (a job id, a bundle digest) and the status to answer with.
+    """
+    key = check_key(request.headers.get("Idempotency-Key"))
+    digest = idempotency.request_digest(scope, payload)
+    ttl = services().config.idempotency_ttl_s
+
+    def attempt() -> tuple[str, int, bool]:
+        with transaction(services().sessions) as s:
+            if key is not None:
+                prior = idempotency.find_replay(s, g.token_digest, key, digest, ttl)
+                if prior is not None:
+                    return prior.resource, prior.status_code, True
+            resource, status = create(s)
+            if key is not None:
+                idempotency.remember(s, g.token_digest, key, scope, digest, status, resource)
+            return resource, status, False
+
+    try:
+        return attempt()
+    except IntegrityError:
+        if key is None:
+            raise
+        # A concurrent request with the same key committed first: replay its answer.
+        return attempt()
 
 
 def parse_json(model: type[BaseModel]) -> Any:

@@ -39,6 +39,20 @@ class Config:
     max_bundle_files: int = 2000
     max_bundle_file_bytes: int = 4 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
+    # The API under gunicorn: threads per process bound the long polls it holds.
+    api_processes: int = 2
+    api_threads: int = 64
+    # `GET /v1/jobs/{id}?wait=S` holds a request at most this long.
+    max_wait_s: float = 30.0
+    # How often one thread per API process looks at the jobs its requests wait on.
+    watch_interval_s: float = 0.2
+    # An Idempotency-Key is remembered this long.
+    idempotency_ttl_s: float = 24 * 3600.0
+    # Webhook deliveries: attempts, the first retry delay (doubling, capped), timeout.
+    webhook_max_attempts: int = 12
+    webhook_backoff_s: float = 2.0
+    webhook_backoff_max_s: float = 600.0
+    webhook_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Config:
@@ -89,6 +103,12 @@ class Config:
         )
 
     @property
+    def max_waiters(self) -> int:
+        """Long polls one API process holds at once; the other threads stay free for reads."""
+        reserve = 16 if self.api_threads > 32 else self.api_threads // 2
+        return max(1, self.api_threads - reserve)
+
+    @property
     def bundle_cache_dir(self) -> Path:
         return self.data_dir / "bundle-cache"
 
@@ -110,6 +130,12 @@ class Config:
             "RETORT_CONNECT_ATTEMPTS": str(self.connect_attempts),
             "RETORT_CONNECT_BACKOFF_S": str(self.connect_backoff_s),
             "RETORT_CONNECT_TIMEOUT_S": str(self.connect_timeout_s),
+            "RETORT_API_PROCESSES": str(self.api_processes),
+            "RETORT_API_THREADS": str(self.api_threads),
+            "RETORT_MAX_WAIT_S": str(self.max_wait_s),
+            "RETORT_WEBHOOK_MAX_ATTEMPTS": str(self.webhook_max_attempts),
+            "RETORT_WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
+            "RETORT_WEBHOOK_TIMEOUT_S": str(self.webhook_timeout_s),
         }
 
 

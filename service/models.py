@@ -4,9 +4,11 @@ from service.audit.models import AuditEvent, AuditHead
 from service.bundles.models import Bundle, BundleFile
 from service.databases.models import AppliedRevision, Database
 from service.db import Base
+from service.idempotency.models import IdempotencyKey
 from service.jobs.models import Job, JobStep
 from service.locks.models import Lease
 from service.projects.models import Project
+from service.webhooks.models import Webhook, WebhookDelivery
 
 __all__ = [
     "AppliedRevision",
@@ -16,8 +18,11 @@ __all__ = [
     "Bundle",
     "BundleFile",
     "Database",
+    "IdempotencyKey",
     "Job",
     "JobStep",
     "Lease",
     "Project",
+    "Webhook",
+    "WebhookDelivery",
 ]

@@ -8,6 +8,7 @@ from service.config import Config
 
 RUN_JOB = "jobs.run"
 SWEEP = "jobs.sweep"
+DELIVER = "webhooks.deliver"
 
 
 def make_celery(config: Config) -> Celery:
@@ -48,6 +49,9 @@ class Dispatcher:
 
     def send_job(self, job_id: int) -> None:
         self._app.send_task(RUN_JOB, args=[job_id])
+
+    def send_delivery(self, delivery_id: int, countdown: float | None = None) -> None:
+        self._app.send_task(DELIVER, args=[delivery_id], countdown=countdown)
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.audit.models import AuditEvent, AuditHead
 from service.db import utcnow
+from service.webhooks.ops import enqueue_deliveries
 
 GENESIS = "0" * 64
 
@@ -72,6 +73,7 @@ def record_event(
     event.hash = _event_hash(_hashed_fields(event))
     session.add(event)
     session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=event.hash))
+    enqueue_deliveries(session, action, project, job_id)
     return event
 
 

@@ -1,6 +1,6 @@
 from flask import Blueprint, request
 
-from service.app import actor, services
+from service.app import actor, idempotent, services
 from service.bundles.archive import Limits, parse_bundle
 from service.bundles.ops import get_bundle, serialize_bundle, store_bundle
 from service.db import transaction
@@ -36,10 +36,20 @@ def post_bundle(name: str):
             config.max_bundle_file_bytes,
         ),
     )
+
+    def create(s) -> tuple[str, int]:
+        bundle, created = store_bundle(s, get_project(s, name), parsed, actor())
+        return bundle.digest, 201 if created else 200
+
+    # Upload the same content twice and you get the same bundle anyway; the key
+    # also replays the first status (201) and refuses other content under it.
+    digest, status, replayed = idempotent(
+        f"POST /v1/projects/{name}/bundles", parsed.digest.encode(), create
+    )
     with transaction(services().sessions) as s:
         project = get_project(s, name)
-        bundle, created = store_bundle(s, project, parsed, actor())
-        return serialize_bundle(bundle, project, graph=False), 201 if created else 200
+        out = serialize_bundle(get_bundle(s, project, digest), project, graph=False)
+    return out, status, {"Idempotent-Replayed": "true"} if replayed else {}
 
 
 @bp.get("/projects/<name>/bundles/<ref>")

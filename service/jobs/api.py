@@ -1,47 +1,147 @@
+import json
 import logging
+import time
 
-from flask import Blueprint, url_for
+from flask import Blueprint, Response, request, url_for
 
-from service.app import actor, parse_json, parse_query, services
+from service.app import actor, idempotent, parse_json, parse_query, services
 from service.db import transaction
+from service.errors import ServiceError
+from service.jobs.models import FINAL_STATES
 from service.jobs.ops import (
     cancel_job,
     create_job,
     get_job,
+    job_etag,
+    list_history,
     list_jobs,
     mark_dispatched,
     serialize_job,
 )
-from service.jobs.schemas import JobCreate, JobList
+from service.jobs.schemas import HistoryList, JobCreate, JobList, JobShow
+from service.jobs.watch import TooManyWaitersError
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger("retort.api")
+
+# Sent instead of holding a request when every waiting slot is taken.
+RETRY_AFTER_S = 1
+
+
+class TooManyWaitersServiceError(ServiceError):
+    status = 503
+    code = "too_many_waiters"
 
 
 @bp.post("/jobs")
 def post_job():
     body = parse_json(JobCreate)
+    outcome = {"coalesced": False}
+
+    def create(s) -> tuple[str, int]:
+        job, outcome["coalesced"] = create_job(s, body, actor())
+        return str(job.id), 202
+
+    resource, status, replayed = idempotent("POST /v1/jobs", body.model_dump(mode="json"), create)
+    job_id = int(resource)
+    if not outcome["coalesced"] and not replayed:
+        # Sent after the commit: a worker must find the row. If the broker is
+        # down the job stays queued and the sweeper sends it again.
+        try:
+            services().dispatcher.send_job(job_id)
+            with transaction(services().sessions) as s:
+                mark_dispatched(s, job_id)
+        except Exception:  # noqa: BLE001
+            log.exception("could not send job %s to the broker; the sweeper will", job_id)
     with transaction(services().sessions) as s:
-        job = create_job(s, body, actor())
-    # Sent after the commit: a worker must find the row. If the broker is down
-    # the job stays queued and the sweeper sends it again.
-    try:
-        services().dispatcher.send_job(job.id)
-        sent = True
-    except Exception:  # noqa: BLE001
-        log.exception("could not send job %s to the broker; the sweeper will", job.id)
-        sent = False
-    with transaction(services().sessions) as s:
-        if sent:
-            mark_dispatched(s, job.id)
-        out = serialize_job(s, get_job(s, job.id))
-    return out, 202, {"Location": url_for("jobs.show_job", job_id=job.id)}
+        out = serialize_job(s, get_job(s, job_id))
+    out["coalesced_into"] = job_id if outcome["coalesced"] else None
+    headers = {"Location": url_for("jobs.show_job", job_id=job_id), "ETag": job_etag(out)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return out, status, headers
 
 
 @bp.get("/jobs/<int:job_id>")
 def show_job(job_id: int):
+    """Show a job; with `?wait=S`, first hold the request until it changes (long poll).
+
+    The baseline is the ETag the client sends in If-None-Match (what it last
+    saw), else the job as it is now. A finished job answers at once.
+    """
+    params = parse_query(JobShow)
+    svc = services()
+    out = _read_job(job_id)
+    etag = job_etag(out)
+    headers = {"ETag": etag, "Cache-Control": "no-store"}
+    wait = min(params.wait, svc.config.max_wait_s)
+    seen = request.headers.get("If-None-Match") or etag
+    if wait > 0 and out["state"] not in FINAL_STATES and seen == etag:
+        try:
+            if svc.watcher.wait(job_id, seen, wait):
+                out = _read_job(job_id)
+                headers["ETag"] = job_etag(out)
+        except TooManyWaitersError:
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+    return out, 200, headers
+
+
+def _read_job(job_id: int) -> dict:
     with transaction(services().sessions) as s:
         return serialize_job(s, get_job(s, job_id))
+
+
+@bp.get("/jobs/<int:job_id>/events")
+def job_events(job_id: int):
+    """Stream a job's state changes and steps as Server-Sent Events until it ends.
+
+    Events: `state` (the job without its steps), `step` (one step, in order),
+    `end` (the final job, then the stream closes). A reconnect starts over
+    with the current state and every step so far.
+    """
+    svc = services()
+    first = _read_job(job_id)  # 404 before the stream starts
+    if not svc.watcher.has_room():
+        raise TooManyWaitersServiceError(
+            "this API process holds as many waiting requests as it may; retry shortly",
+            {"retry_after_s": RETRY_AFTER_S},
+        )
+
+    def stream():
+        job, sent_steps, sent_state = first, 0, None
+        while True:
+            steps = job.pop("steps", [])
+            for step in steps[sent_steps:]:
+                yield _sse("step", step)
+            sent_steps = len(steps)
+            if job["state"] != sent_state:
+                sent_state = job["state"]
+                yield _sse("state", job)
+            if job["state"] in FINAL_STATES:
+                yield _sse("end", job)
+                return
+            seen = job_etag({**job, "steps": steps})
+            try:
+                changed = svc.watcher.wait(job_id, seen, 15)
+            except TooManyWaitersError:
+                time.sleep(RETRY_AFTER_S)
+                changed = True
+            if not changed:
+                # A comment line keeps proxies from closing an idle stream and
+                # tells us early when the client has gone.
+                yield ": keepalive\n\n"
+            with transaction(svc.sessions) as s:
+                job = serialize_job(s, get_job(s, job_id))
+
+    return Response(
+        stream(),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 @bp.get("/jobs")
@@ -59,3 +159,11 @@ def index_jobs():
 def post_cancel(job_id: int):
     with transaction(services().sessions) as s:
         return serialize_job(s, cancel_job(s, job_id, actor()))
+
+
+@bp.get("/databases/<name>/history")
+def database_history(name: str):
+    params = parse_query(HistoryList)
+    with transaction(services().sessions) as s:
+        history, cursor = list_history(s, name, params.limit, params.cursor)
+    return {"history": history, "next_cursor": cursor}

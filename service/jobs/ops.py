@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from sqlalchemy import select, update
@@ -18,15 +19,53 @@ from service.errors import ConflictError, InvalidError, NotFoundError
 from service.jobs.models import Job, JobStep
 from service.jobs.schemas import JobCreate, JobList
 from service.jobs.targets import check_target
+from service.jobs.watch import progress_key
 from service.locks.models import Lease
 from service.projects.models import Project
 
+_RELATIVE = re.compile(r"[+-]\d+$")
 
-def create_job(session: Session, body: JobCreate, actor: str) -> Job:
+
+def create_job(session: Session, body: JobCreate, actor: str) -> tuple[Job, bool]:
+    """Queue a migration, or attach to an identical one still waiting to start.
+
+    Returns the job and whether the request was coalesced into an existing one.
+    Twenty pipelines asking for the same `upgrade head` queue one migration: a
+    pending job with the same database, action, absolute target and bundle
+    takes the later requests, and all of them see its outcome. Relative targets
+    (`+1`) never coalesce: two requests for one more step mean two steps.
+    """
     db = get_database(session, body.database)
     project = session.get(Project, db.project_id)
     bundle = get_bundle(session, project, body.bundle or "latest")
     target = check_target(bundle, body.action, body.target)
+    if body.coalesce and not _RELATIVE.search(target):
+        # Serialize requests for one database so two of them cannot both miss
+        # the pending job (SQLite's BEGIN IMMEDIATE already serializes).
+        session.execute(select(Database.id).where(Database.id == db.id).with_for_update())
+        pending = session.scalar(
+            select(Job)
+            .where(
+                Job.database_id == db.id,
+                Job.state.in_(("queued", "waiting_for_lock")),
+                Job.action == body.action,
+                Job.target == target,
+                Job.bundle_pk == bundle.pk,
+            )
+            .order_by(Job.id)
+            .limit(1)
+        )
+        if pending is not None:
+            record_event(
+                session,
+                "job.coalesced",
+                actor=actor,
+                project=project.name,
+                database=db.name,
+                job_id=pending.id,
+                data={"action": body.action, "target": target, "bundle": bundle.digest},
+            )
+            return pending, True
     job = Job(
         database_id=db.id,
         project_id=project.id,
@@ -47,7 +86,7 @@ def create_job(session: Session, body: JobCreate, actor: str) -> Job:
         job_id=job.id,
         data={"action": job.action, "target": job.target, "bundle": bundle.digest},
     )
-    return job
+    return job, False
 
 
 def mark_dispatched(session: Session, job_id: int) -> None:
@@ -164,3 +203,44 @@ def serialize_step(step: JobStep) -> dict[str, Any]:
         "sha256": step.sha256,
         "fencing_token": step.fencing_token,
     }
+
+
+def list_history(
+    session: Session, database: str, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Return what was applied to a database, newest first: each step, its job and requester."""
+    db = get_database(session, database)
+    query = (
+        select(JobStep, Job)
+        .join(Job, Job.id == JobStep.job_id)
+        .where(Job.database_id == db.id)
+        .order_by(JobStep.id.desc())
+        .limit(limit + 1)
+    )
+    if cursor:
+        query = query.where(JobStep.id < decode_cursor(cursor))
+    rows = session.execute(query).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    history = [
+        {
+            "job": job.id,
+            "action": job.action,
+            "direction": step.direction,
+            "revisions": step.revisions,
+            "message": step.message,
+            "state": step.state,
+            "applied_at": iso(step.finished_at),
+            "duration_ms": round(step.duration_ms, 3),
+            "requested_by": job.requested_by,
+            "fencing_token": step.fencing_token,
+            "sha256": step.sha256,
+        }
+        for step, job in rows
+    ]
+    return history, encode_cursor(rows[-1][0].id) if more else None
+
+
+def job_etag(job: dict[str, Any]) -> str:
+    """Name a job's visible progress: its state and how many steps it has recorded."""
+    return progress_key(job["id"], job["state"], len(job.get("steps") or []))

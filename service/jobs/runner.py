@@ -42,6 +42,7 @@ from service.jobs.models import FINAL_STATES, Job, JobStep
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 from service.projects.models import Project
+from service.webhooks import outbox
 
 log = logging.getLogger("retort.worker")
 _RELATIVE = re.compile(r"^[+-]\d+$")
@@ -313,6 +314,7 @@ def _run_in_child(parent_ctx: JobContext) -> None:
     config = parent_ctx.config
     # Never touch the parent's pooled connections: a new engine for this process.
     sessions = make_sessionmaker(make_engine(config.database_url, pooled=False))
+    outbox.attach(sessions, config)
     ctx = JobContext(**{**parent_ctx.__dict__, "sessions": sessions})
     url: URL | None = None
     try:

@@ -62,7 +62,8 @@ def test_listing_is_newest_first_with_cursor(prod, new_db):
     c = prod.client
     project, _ = setup_project(c, BRANCHED)
     db = register_db(c, project, new_db("sqlite"))
-    ids = [c.post("/v1/jobs", {"database": db, "target": "heads"}).body["id"] for _ in range(5)]
+    body = {"database": db, "target": "heads", "coalesce": False}
+    ids = [c.post("/v1/jobs", body).body["id"] for _ in range(5)]
     for i in ids:
         c.wait_job(i)
     page = c.get(f"/v1/jobs?database={db}&limit=2").body
@@ -120,7 +121,9 @@ def test_twenty_jobs_on_one_target_never_overlap(prod, new_db):
     ids = []
     for i in range(20):
         action, target = ("upgrade", "head") if i % 2 == 0 else ("downgrade", "base")
-        r = c.post("/v1/jobs", {"database": db, "action": action, "target": target})
+        r = c.post(
+            "/v1/jobs", {"database": db, "action": action, "target": target, "coalesce": False}
+        )
         assert r.status == 202
         ids.append(r.body["id"])
     jobs = [c.wait_job(i, timeout=120) for i in ids]

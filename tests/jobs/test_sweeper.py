@@ -21,7 +21,7 @@ def test_queued_job_whose_message_was_lost_still_runs(retort, new_db):
     # The row is committed but no message ever reaches the broker (as when the
     # broker is down during the request).
     with transaction(_sessions(retort)) as s:
-        job_id = create_job(s, JobCreate(database=db, target="head"), "admin").id
+        job_id = create_job(s, JobCreate(database=db, target="head"), "admin")[0].id
     job = c.wait_job(job_id, timeout=60)
     assert job["state"] == "succeeded", job
     assert job["to_heads"] == ["t002"]
@@ -33,7 +33,7 @@ def test_job_whose_lease_expired_is_failed_and_the_lease_freed(prod, new_db):
     db = register_db(c, project, new_db("sqlite"))
     sessions = _sessions(prod)
     with transaction(sessions) as s:
-        job = create_job(s, JobCreate(database=db, target="head"), "admin")
+        job = create_job(s, JobCreate(database=db, target="head"), "admin")[0]
         lease = s.get(Lease, job.database_id)
         # A worker claimed it, took the lease, then died: its heartbeat stopped.
         lease.token += 1

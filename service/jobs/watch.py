@@ -1,0 +1,127 @@
+"""Hold requests until a job changes, without a query per waiting request.
+
+Deploy pipelines long-poll `GET /v1/jobs/{id}?wait=30` and stream
+`/v1/jobs/{id}/events`. Each waiting request registers here; one thread per
+API process reads the progress of every watched job in one query each tick
+and wakes the requests whose job moved. Fifty waiters cost one small query
+every `watch_interval_s`, not fifty.
+
+Waiters are capped per process below the number of server threads, so long
+polls can never take every thread: a request over the cap is answered at once
+and told when to come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.jobs.models import Job, JobStep
+
+log = logging.getLogger("retort.api")
+
+
+class TooManyWaitersError(Exception):
+    """Every waiting slot of this API process is taken."""
+
+
+def progress_key(job_id: int, state: str, steps: int) -> str:
+    """Return the ETag of a job's visible progress (see jobs.ops.job_etag)."""
+    return f'"{job_id}-{state}-{steps}"'
+
+
+class _Waiter:
+    __slots__ = ("job_id", "seen", "woken")
+
+    def __init__(self, job_id: int, seen: str):
+        self.job_id = job_id
+        self.seen = seen
+        self.woken = threading.Event()
+
+
+class JobWatcher:
+    def __init__(self, sessions: sessionmaker[Session], interval_s: float, max_waiters: int):
+        self._sessions = sessions
+        self._interval = interval_s
+        self._slots = threading.BoundedSemaphore(max_waiters)
+        self._lock = threading.Lock()
+        self._waiters: dict[int, list[_Waiter]] = defaultdict(list)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def wait(self, job_id: int, seen: str, timeout: float) -> bool:
+        """Block until the job's progress key differs from `seen`; False on timeout."""
+        if not self._slots.acquire(blocking=False):
+            raise TooManyWaitersError
+        waiter = _Waiter(job_id, seen)
+        try:
+            with self._lock:
+                self._waiters[job_id].append(waiter)
+                self._ensure_thread()
+            self._wake.set()
+            return waiter.woken.wait(timeout)
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(job_id, [])
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                if not waiters:
+                    self._waiters.pop(job_id, None)
+            self._slots.release()
+
+    def has_room(self) -> bool:
+        """Say whether a waiter could register now (a hint: another may take the slot)."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._slots.release()
+        return True
+
+    def _ensure_thread(self) -> None:
+        # gunicorn forks after import: a thread started in the parent does not
+        # exist in the worker, so start one per process on first use.
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                ids = list(self._waiters)
+            if not ids:
+                self._wake.wait(5)
+                self._wake.clear()
+                continue
+            try:
+                keys = self._progress(ids)
+            except Exception:  # noqa: BLE001 - the state DB may blip; waiters time out
+                log.exception("job watcher could not read job progress")
+                keys = {}
+            with self._lock:
+                for job_id, key in keys.items():
+                    for waiter in self._waiters.get(job_id, []):
+                        if key != waiter.seen:
+                            waiter.woken.set()
+            self._wake.wait(self._interval)
+            self._wake.clear()
+
+    def _progress(self, ids: list[int]) -> dict[int, str]:
+        steps = (
+            select(JobStep.job_id, func.count(JobStep.id).label("n"))
+            .where(JobStep.job_id.in_(ids))
+            .group_by(JobStep.job_id)
+            .subquery()
+        )
+        with self._sessions() as s:
+            rows = s.execute(
+                select(Job.id, Job.state, func.coalesce(steps.c.n, 0))
+                .outerjoin(steps, steps.c.job_id == Job.id)
+                .where(Job.id.in_(ids))
+            ).all()
+        return {job_id: progress_key(job_id, state, n) for job_id, state, n in rows}

@@ -1,0 +1,62 @@
+from flask import Blueprint
+
+from service.app import actor, parse_json, parse_query, services
+from service.db import transaction
+from service.jobs.ops import decode_cursor, encode_cursor
+from service.projects.ops import get_project
+from service.webhooks.ops import (
+    create_webhook,
+    delete_webhook,
+    get_webhook,
+    list_deliveries,
+    list_webhooks,
+    serialize_delivery,
+    serialize_webhook,
+)
+from service.webhooks.schemas import DeliveryList, WebhookCreate
+
+bp = Blueprint("webhooks", __name__)
+
+
+@bp.post("/projects/<name>/webhooks")
+def post_webhook(name: str):
+    body = parse_json(WebhookCreate)
+    with transaction(services().sessions) as s:
+        project = get_project(s, name)
+        hook, secret = create_webhook(s, project, body, services().box, actor())
+        return serialize_webhook(hook, project, secret=secret), 201
+
+
+@bp.get("/projects/<name>/webhooks")
+def index_webhooks(name: str):
+    with transaction(services().sessions) as s:
+        project = get_project(s, name)
+        return {"webhooks": [serialize_webhook(h, project) for h in list_webhooks(s, project)]}
+
+
+@bp.get("/projects/<name>/webhooks/<int:webhook_id>")
+def show_webhook(name: str, webhook_id: int):
+    with transaction(services().sessions) as s:
+        project = get_project(s, name)
+        return serialize_webhook(get_webhook(s, project, webhook_id), project)
+
+
+@bp.delete("/projects/<name>/webhooks/<int:webhook_id>")
+def remove_webhook(name: str, webhook_id: int):
+    with transaction(services().sessions) as s:
+        delete_webhook(s, get_project(s, name), webhook_id)
+    return "", 204
+
+
+@bp.get("/projects/<name>/webhooks/<int:webhook_id>/deliveries")
+def index_deliveries(name: str, webhook_id: int):
+    params = parse_query(DeliveryList)
+    with transaction(services().sessions) as s:
+        hook = get_webhook(s, get_project(s, name), webhook_id)
+        rows, before = list_deliveries(
+            s, hook, params.limit, decode_cursor(params.cursor) if params.cursor else None
+        )
+        return {
+            "deliveries": [serialize_delivery(d) for d in rows],
+            "next_cursor": encode_cursor(before) if before else None,
+        }

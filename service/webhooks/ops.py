@@ -1,0 +1,163 @@
+"""Webhooks: subscriptions, the outbox of deliveries, and signing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.crypto import SecretBox
+from service.db import iso
+from service.errors import InvalidError, NotFoundError
+from service.jobs.models import Job
+from service.projects.models import Project
+from service.webhooks.models import Webhook, WebhookDelivery
+from service.webhooks.schemas import EVENTS, WebhookCreate
+
+# session.info key: deliveries written in this transaction, sent after it commits.
+OUTBOX = "retort.webhook_deliveries"
+
+
+def create_webhook(
+    session: Session, project: Project, body: WebhookCreate, box: SecretBox, actor: str
+) -> tuple[Webhook, str]:
+    """Subscribe a URL to a project's job events; return the webhook and its secret."""
+    parts = urlsplit(body.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidError(
+            "url must be an absolute http:// or https:// URL",
+            {"field": "url"},
+        )
+    if parts.username or parts.password:
+        raise InvalidError(
+            "url must not carry credentials; verify deliveries with the signing secret",
+            {"field": "url"},
+        )
+    secret = body.secret or "whsec_" + secrets.token_urlsafe(32)
+    hook = Webhook(
+        project_id=project.id,
+        url=body.url,
+        events=sorted(set(body.events)),
+        secret_encrypted=box.encrypt(secret),
+        created_by=actor,
+    )
+    session.add(hook)
+    session.flush()
+    return hook, secret
+
+
+def get_webhook(session: Session, project: Project, webhook_id: int) -> Webhook:
+    hook = session.get(Webhook, webhook_id)
+    if hook is None or hook.project_id != project.id or not hook.active:
+        raise NotFoundError(
+            f"no webhook {webhook_id} in project {project.name}",
+            {"project": project.name, "webhook": webhook_id},
+        )
+    return hook
+
+
+def list_webhooks(session: Session, project: Project) -> list[Webhook]:
+    return list(
+        session.scalars(
+            select(Webhook)
+            .where(Webhook.project_id == project.id, Webhook.active.is_(True))
+            .order_by(Webhook.id)
+        )
+    )
+
+
+def delete_webhook(session: Session, project: Project, webhook_id: int) -> None:
+    """Stop sending to a webhook; its deliveries stay on record."""
+    get_webhook(session, project, webhook_id).active = False
+
+
+def list_deliveries(
+    session: Session, hook: Webhook, limit: int, before: int | None
+) -> tuple[list[WebhookDelivery], int | None]:
+    query = select(WebhookDelivery).where(WebhookDelivery.webhook_id == hook.id)
+    if before:
+        query = query.where(WebhookDelivery.id < before)
+    rows = list(session.scalars(query.order_by(WebhookDelivery.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, rows[-1].id if more else None
+
+
+def enqueue_deliveries(session: Session, event: str, project: str | None, job_id: int | None):
+    """Write one delivery per subscribed webhook, in the caller's transaction (an outbox).
+
+    Called for every audit event: the delivery commits or rolls back with the
+    event it reports, and is sent after the commit (see webhooks.outbox).
+    """
+    if event not in EVENTS or project is None or job_id is None:
+        return
+    hooks = [
+        h
+        for h in session.scalars(
+            select(Webhook)
+            .join(Project, Project.id == Webhook.project_id)
+            .where(Project.name == project, Webhook.active.is_(True))
+        )
+        if event in h.events
+    ]
+    if not hooks:
+        return
+    from service.jobs.ops import serialize_job  # jobs.ops imports audit, which calls us
+
+    job = session.get(Job, job_id, populate_existing=True)
+    job_doc = serialize_job(session, job, with_steps=False)
+    for hook in hooks:
+        uid = str(uuid.uuid4())
+        delivery = WebhookDelivery(
+            webhook_id=hook.id,
+            uid=uid,
+            event=event,
+            job_id=job_id,
+            payload={"id": uid, "event": event, "job": job_doc},
+        )
+        session.add(delivery)
+        session.flush()
+        session.info.setdefault(OUTBOX, []).append(delivery.id)
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """Return the Retort-Signature value: v1=HMAC-SHA256(secret, "<timestamp>." + body)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def serialize_webhook(hook: Webhook, project: Project, secret: str | None = None) -> dict:
+    out: dict[str, Any] = {
+        "id": hook.id,
+        "project": project.name,
+        "url": hook.url,
+        "events": hook.events,
+        "created_by": hook.created_by,
+        "created_at": iso(hook.created_at),
+    }
+    if secret is not None:
+        out["secret"] = secret
+    return out
+
+
+def serialize_delivery(d: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "uid": d.uid,
+        "event": d.event,
+        "job": d.job_id,
+        "state": d.state,
+        "attempts": d.attempts,
+        "status_code": d.last_status_code,
+        "error": d.last_error,
+        "next_attempt_at": iso(d.next_attempt_at) if d.state == "pending" else None,
+        "created_at": iso(d.created_at),
+        "delivered_at": iso(d.delivered_at),
+        "attempt_log": d.attempt_log,
+    }
