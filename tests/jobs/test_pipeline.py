@@ -41,8 +41,8 @@ def test_wait_holds_the_request_until_the_job_changes(prod, new_db):
     assert r.status == 422 and r.body["error"]["details"]["field"] == "wait"
 
 
-def test_fifty_waiters_do_not_block_a_status_read(prod, new_db):
-    c = prod.client
+def test_fifty_waiters_do_not_block_a_status_read(retort, new_db):
+    c = retort.client
     project, _ = setup_project(c, {"versions/s.py": _slow(12)})
     db = register_db(c, project, new_db("sqlite"))
     job = c.post("/v1/jobs", {"database": db}).body
@@ -72,8 +72,8 @@ def test_fifty_waiters_do_not_block_a_status_read(prod, new_db):
     assert c.wait_job(job["id"])["state"] == "succeeded"
 
 
-def test_events_stream_states_and_steps_until_the_job_ends(prod, new_db):
-    c = prod.client
+def test_events_stream_states_and_steps_until_the_job_ends(retort, new_db):
+    c = retort.client
     files = {
         "versions/a.py": _slow(0.5, "a"),
         "versions/b.py": _slow(0.5, "b", "a"),

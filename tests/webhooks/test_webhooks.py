@@ -85,8 +85,8 @@ def _hook(c, project: str, url: str, events: list[str], secret: str | None = SEC
     return r.body
 
 
-def test_signed_deliveries_for_started_succeeded_and_failed(prod, new_db):
-    c = prod.client
+def test_signed_deliveries_for_started_succeeded_and_failed(retort, new_db):
+    c = retort.client
     receiver = Receiver()
     try:
         project, _ = setup_project(c, chain_bundle(2))
