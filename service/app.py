@@ -109,7 +109,7 @@ def create_app(config: Config | None = None) -> Flask:
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
-        return jsonify(exc.to_dict()), exc.status
+        return jsonify(exc.to_dict()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -84,12 +85,21 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
 
 @main.command()
 @click.option("--port", type=int, envvar="RETORT_PORT")
-@click.option("--threads", default=16, show_default=True)
-@click.option("--processes", default=2, show_default=True)
-def api(port: int | None, threads: int, processes: int) -> None:
-    """Run only the HTTP API under gunicorn (production)."""
+@click.option("--threads", type=int, help="Threads per process (default 64, RETORT_API_THREADS).")
+@click.option("--processes", type=int, help="Processes (default 2, RETORT_API_PROCESSES).")
+def api(port: int | None, threads: int | None, processes: int | None) -> None:
+    """Run only the HTTP API under gunicorn (production).
+
+    Threaded workers: a long poll (`?wait=`, event streams) holds a thread, and
+    each process lets long polls take all but 16 of its threads, so reads and
+    writes always find one free.
+    """
     config = _config(None, port)
-    cmd = api_command(config, threads, processes)
+    if threads:
+        config = dataclasses.replace(config, api_threads=threads)
+    if processes:
+        config = dataclasses.replace(config, api_processes=processes)
+    cmd = api_command(config)
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 
 
@@ -128,7 +138,7 @@ def beat_options(config: Config) -> list[str]:
     return ["--beat", "--schedule", str(config.data_dir / "celerybeat-schedule")]
 
 
-def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[str]:
+def api_command(config: Config) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -136,11 +146,11 @@ def api_command(config: Config, threads: int = 16, processes: int = 2) -> list[s
         "--bind",
         f"{config.host}:{config.port}",
         "--workers",
-        str(processes),
+        str(config.api_processes),
         "--worker-class",
         "gthread",
         "--threads",
-        str(threads),
+        str(config.api_threads),
         "--timeout",
         "60",
         "--access-logfile",
@@ -245,6 +255,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
             p.wait()
 
+
+from service.client_cli import register  # noqa: E402
+
+register(main)
 
 if __name__ == "__main__":
     main()

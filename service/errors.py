@@ -10,6 +10,8 @@ class ServiceError(Exception):
 
     status = 400
     code = "bad_request"
+    # Extra response headers (Retry-After, say).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, details: Any = None, code: str | None = None):
         super().__init__(message)

@@ -28,7 +28,9 @@ def index_databases():
 
 @bp.get("/databases/<name>")
 def show_database(name: str):
+    """Show a database; `?live=false` skips reading its current heads from the target."""
+    live = request.args.get("live", "true").lower() not in ("0", "false", "no")
     with transaction(services().sessions) as s:
         db = get_database(s, name)
         project = s.get(Project, db.project_id)
-        return serialize_database(s, db, project, box=services().box)
+        return serialize_database(s, db, project, box=services().box if live else None)

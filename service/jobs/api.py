@@ -31,6 +31,7 @@ RETRY_AFTER_S = 1
 class TooManyWaitersServiceError(ServiceError):
     status = 503
     code = "too_many_waiters"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 @bp.post("/jobs")

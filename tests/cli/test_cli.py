@@ -241,6 +241,8 @@ def test_request_errors_exit_2(prod):
     out = cli(prod, "migrate", unique("no-such-db"), "--wait")
     assert out.returncode == 2 and "(not_found)" in out.stderr, out.stderr
     assert cli(prod, "status", "987654321").returncode == 2
+    out = cli(prod, "jobs", "--state", "bogus", "--json")
+    assert out.returncode == 2 and json.loads(out.stdout)["error"]["details"]["field"] == "state"
     assert cli(prod, "migrate", "x", "--bundle", "abc", "--scripts", str(ROOT)).returncode == 2
     assert cli(prod, "migrate", "x", "--action", "sideways").returncode == 2
 
@@ -284,7 +286,7 @@ def test_a_repeated_idempotency_key_returns_the_same_job(prod, new_db):
 def test_an_identical_pending_job_is_joined(prod, new_db):
     """Needs the server's coalescing (`coalesced_into`) on POST /v1/jobs."""
     c = prod.client
-    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(2)")}
+    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(3)")}
     project, _ = setup_project(c, slow)
     db = register_db(c, project, new_db("sqlite"))
     running = c.post("/v1/jobs", {"database": db, "target": "head"}).body

@@ -1,0 +1,533 @@
+"""The pipeline-facing `retort` commands: push, migrate, wait, status, jobs, history, current.
+
+They talk to a running Retort over its HTTP API (see service/client.py, which
+also lists the exit codes) and report through their exit codes, so a deploy
+pipeline can act on the outcome.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from service.client import (
+    DEFAULT_URL,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    FINAL_STATES,
+    ApiError,
+    PackError,
+    RetortClient,
+    Unreachable,
+    WaitTimeout,
+    default_token,
+    job_exit_code,
+    pack_scripts,
+    segment,
+)
+
+# `\b` keeps click from re-wrapping the table.
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  succeeded, or nothing to do
+  1  the migration failed (job failed or cancelled)
+  2  usage or request error
+  3  refused by a safety check, or waiting for approval
+  4  timed out waiting (the job goes on)
+  5  cannot reach Retort, or authentication failed"""
+
+
+@dataclass
+class Cli:
+    """What every pipeline command gets: the API client and the output mode."""
+
+    api: RetortClient
+    as_json: bool
+
+    def echo(self, text: str = "") -> None:
+        """Print human output (nothing in --json mode, where stdout is one document)."""
+        if not self.as_json:
+            click.echo(text)
+
+    def document(self, doc: Any) -> None:
+        """Print the one JSON document of --json mode (or an error document)."""
+        click.echo(json.dumps(doc, indent=2))
+
+
+def api_command(group: click.Group, name: str) -> Callable[[Callable[..., int]], click.Command]:
+    """Declare a pipeline command: shared --url/--token/--json, errors turned into exit codes."""
+
+    def decorate(func: Callable[..., int]) -> click.Command:
+        @functools.wraps(func)
+        def run(url: str, token: str | None, as_json: bool, **kwargs: Any) -> None:
+            for stream in (sys.stdout, sys.stderr):
+                # A non-UTF-8 terminal must not turn an arrow into a traceback.
+                if hasattr(stream, "reconfigure"):
+                    stream.reconfigure(errors="replace")
+            cli = Cli(RetortClient(url, token or default_token()), as_json)
+            try:
+                code = func(cli, **kwargs)
+            except (ApiError, Unreachable) as exc:
+                if as_json:
+                    cli.document(exc.document)
+                else:
+                    auth = isinstance(exc, ApiError) and exc.status in (401, 403)
+                    hint = "; set RETORT_TOKEN or --token" if auth else ""
+                    click.echo(f"error: {exc}{hint}", err=True)
+                code = exc.exit_code
+            except PackError as exc:
+                click.echo(f"error: {exc}", err=True)
+                code = EXIT_USAGE
+            except KeyboardInterrupt:
+                click.echo("\ninterrupted; a job already requested goes on", err=True)
+                code = 130  # the shell's convention for SIGINT
+            raise click.exceptions.Exit(code)
+
+        command = group.command(name, epilog=EXIT_CODES_HELP)(run)
+        # Appended after the command's own parameters so they come last in --help.
+        command.params += [
+            click.Option(
+                ["--url"],
+                envvar="RETORT_URL",
+                default=DEFAULT_URL,
+                show_default=True,
+                help="Retort's base URL (env RETORT_URL).",
+            ),
+            click.Option(
+                ["--token"],
+                envvar="RETORT_TOKEN",
+                help="Bearer token (env RETORT_TOKEN; else ./retort-data/admin-token).",
+            ),
+            click.Option(["--json", "as_json"], is_flag=True, help="Print one JSON document."),
+        ]
+        return command
+
+    return decorate
+
+
+def register(main: click.Group) -> None:
+    """Add the pipeline commands to the `retort` group."""
+    main.epilog = (main.epilog + "\n\n" if main.epilog else "") + EXIT_CODES_HELP
+
+    @api_command(main, "push")
+    @click.argument("project")
+    @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+    def push(cli: Cli, project: str, directory: Path) -> int:
+        """Upload Alembic scripts as a bundle of PROJECT.
+
+        DIRECTORY is an Alembic directory (env.py and versions/) or a versions
+        directory. Pushing the same scripts again changes nothing.
+        """
+        bundle = _push(cli, project, directory)
+        if cli.as_json:
+            cli.document(bundle)
+        return EXIT_OK
+
+    @api_command(main, "migrate")
+    @click.argument("database")
+    @click.option("--to", "target", default="head", show_default=True, help="Target revision.")
+    @click.option(
+        "--action",
+        type=click.Choice(["upgrade", "downgrade", "stamp"]),
+        default="upgrade",
+        show_default=True,
+    )
+    @click.option("--bundle", help="Bundle id or prefix (default: the project's latest).")
+    @click.option(
+        "--scripts",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="Push this Alembic directory first and migrate with it.",
+    )
+    @click.option("--project", help="Project of --scripts (default: the database's).")
+    @click.option("--wait", is_flag=True, help="Wait for the job to end; exit by its outcome.")
+    @click.option("--timeout", type=click.FloatRange(min=0), help="Seconds to --wait at most.")
+    @click.option(
+        "--no-coalesce", is_flag=True, help="Never attach to an identical job already queued."
+    )
+    @click.option("--idempotency-key", help="Reuse a key to make a re-run return the same job.")
+    def migrate(
+        cli: Cli,
+        database: str,
+        target: str,
+        action: str,
+        bundle: str | None,
+        scripts: Path | None,
+        project: str | None,
+        wait: bool,
+        timeout: float | None,
+        no_coalesce: bool,
+        idempotency_key: str | None,
+    ) -> int:
+        """Ask for a migration of DATABASE (an upgrade to head unless told otherwise).
+
+        Without --wait, print the job and exit 0 at once; with --wait, follow it
+        like `retort wait` and exit by its outcome.
+        """
+        if scripts and bundle:
+            raise click.UsageError("give --bundle or --scripts, not both")
+        if project and not scripts:
+            raise click.UsageError("--project goes with --scripts")
+        if scripts:
+            if not project:
+                # Only the project name is needed: skip the live read of the target.
+                path = f"/v1/databases/{segment(database)}"
+                project = cli.api.get(path, live="false")["project"]
+            bundle = _push(cli, project, scripts)["id"]
+        body: dict[str, Any] = {"database": database, "action": action, "target": target}
+        if bundle:
+            body["bundle"] = bundle
+        if no_coalesce:
+            body["coalesce"] = False
+        # One key for this request and every retry of it: a retried POST never makes
+        # a second job.
+        job, replayed = cli.api.create_job(body, idempotency_key or str(uuid.uuid4()))
+        job_id = job.get("coalesced_into") or job["id"]
+        if replayed:
+            cli.echo(f"job {job_id} was already requested with this idempotency key")
+        elif job.get("coalesced_into"):
+            cli.echo(f"attached to job {job_id}, already queued for the same migration")
+        if wait:
+            return _wait(cli, job_id, timeout)
+        if cli.as_json:
+            cli.document(job)
+        else:
+            cli.echo(
+                f"job {job_id} {job['state']}: {job['action']} {job['database']} to "
+                f"{job['target']} (bundle {job['bundle'][:12]})"
+            )
+            if job["state"] not in FINAL_STATES:
+                cli.echo(f"follow it with: retort wait {job_id}")
+        return job_exit_code(job)
+
+    @api_command(main, "wait")
+    @click.argument("job_id", metavar="JOB", type=int)
+    @click.option(
+        "--timeout",
+        type=click.FloatRange(min=0),
+        help="Seconds to wait at most (default: forever).",
+    )
+    def wait_cmd(cli: Cli, job_id: int, timeout: float | None) -> int:
+        """Follow JOB until it ends: print its steps as they are applied; exit by its outcome."""
+        return _wait(cli, job_id, timeout)
+
+    @api_command(main, "status")
+    @click.argument("job_id", metavar="JOB", type=int)
+    def status(cli: Cli, job_id: int) -> int:
+        """Show JOB: state, steps and error. A job still going exits 0."""
+        job = cli.api.get(f"/v1/jobs/{job_id}")
+        if cli.as_json:
+            cli.document(job)
+        else:
+            _show_job(job)
+        return job_exit_code(job)
+
+    @api_command(main, "jobs")
+    @click.option("--database", help="Only this database's jobs.")
+    # Not a click.Choice: the server knows its states (and validates them), this
+    # client may be older.
+    @click.option("--state", help="Only jobs in this state (queued, running, failed, ...).")
+    @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+    def jobs(cli: Cli, database: str | None, state: str | None, limit: int) -> int:
+        """List jobs, newest first."""
+        page = cli.api.get("/v1/jobs", database=database, state=state, limit=limit)
+        if cli.as_json:
+            cli.document(page)
+            return EXIT_OK
+        rows = [
+            [
+                str(j["id"]),
+                j["state"],
+                j["database"],
+                j["action"],
+                j["target"],
+                _when(j["created_at"]),
+                j.get("requested_by") or "",
+            ]
+            for j in page["jobs"]
+        ]
+        _table(["JOB", "STATE", "DATABASE", "ACTION", "TARGET", "CREATED", "BY"], rows, "no jobs")
+        if page.get("next_cursor"):
+            cli.echo(f"(more: raise --limit above {limit})")
+        return EXIT_OK
+
+    @api_command(main, "history")
+    @click.argument("database")
+    @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+    def history(cli: Cli, database: str, limit: int) -> int:
+        """Show the revisions applied to DATABASE, newest first."""
+        page = cli.api.get(f"/v1/databases/{segment(database)}/history", limit=limit)
+        if cli.as_json:
+            cli.document(page)
+            return EXIT_OK
+        rows = [
+            [
+                _when(h.get("applied_at")),
+                h.get("requested_by") or "",
+                _direction(h),
+                ", ".join(h.get("revisions") or []),
+                _shorten(h.get("message") or "", 40),
+                _ms(h.get("duration_ms")),
+                str(h.get("job", "")),
+            ]
+            for h in page["history"]
+        ]
+        headers = ["WHEN", "WHO", "DIRECTION", "REVISIONS", "MESSAGE", "DURATION", "JOB"]
+        _table(headers, rows, "nothing applied yet")
+        return EXIT_OK
+
+    @api_command(main, "current")
+    @click.argument("database")
+    def current(cli: Cli, database: str) -> int:
+        """Show DATABASE's current revisions (read live), the bundle's heads and what is pending."""
+        db = cli.api.get(f"/v1/databases/{segment(database)}")
+        if cli.as_json:
+            cli.document(db)
+            return EXIT_OK
+        click.echo(f"database  {db['name']} ({db['dialect']}, project {db['project']})")
+        if db.get("current") is None:
+            click.echo(f"current   unknown: {db.get('current_error') or 'not read'}")
+        else:
+            click.echo(f"current   {_revs(db['current'])}")
+        click.echo(f"head      {_revs(db.get('head') or [])}")
+        pending = db.get("pending")
+        if pending is None:
+            click.echo("pending   unknown")
+        elif pending:
+            click.echo(f"pending   {', '.join(pending)}")
+        else:
+            click.echo("pending   none: up to date")
+        if db.get("unknown_current"):
+            click.echo(f"warning   not in the bundle: {', '.join(db['unknown_current'])}")
+        holder = (db.get("lock") or {}).get("held_by_job")
+        if holder:
+            click.echo(f"lock      held by job {holder}")
+        return EXIT_OK
+
+    @main.group()
+    def audit() -> None:
+        """The hash-chained audit log."""
+
+    @api_command(audit, "verify")
+    def audit_verify(cli: Cli) -> int:
+        """Recompute the audit log's hash chain; exit 1 if an event was altered."""
+        result = cli.api.get("/v1/audit/verify")
+        if cli.as_json:
+            cli.document(result)
+        elif result["ok"]:
+            click.echo(f"audit log intact: {result['events']} events")
+        else:
+            click.echo(
+                f"audit log BROKEN: event {result['first_bad']} does not match its hash chain "
+                f"({result['events']} events checked)"
+            )
+        return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def _push(cli: Cli, project: str, directory: Path) -> dict[str, Any]:
+    """Pack and upload DIRECTORY; return the bundle with `created` added."""
+    bundle, created = cli.api.push(project, pack_scripts(directory))
+    heads = ", ".join(bundle.get("heads") or []) or "none"
+    cli.echo(
+        f"bundle {bundle['id'][:12]} ({'new' if created else 'unchanged'}), "
+        f"{len(bundle.get('revisions') or [])} revisions, heads: {heads}"
+    )
+    return {**bundle, "created": created}
+
+
+def _wait(cli: Cli, job_id: int, timeout: float | None) -> int:
+    """Follow a job to its end; print its progress; return the exit code."""
+    printer = JobPrinter(job_id, live=sys.stdout.isatty() and not cli.as_json, quiet=cli.as_json)
+    job: dict[str, Any] | None = None
+    try:
+        for job in cli.api.watch_job(job_id, timeout):
+            printer.update(job)
+    except WaitTimeout as exc:
+        printer.stop()
+        job = exc.job or job
+        state = job["state"] if job else "unknown"
+        if cli.as_json and job:
+            cli.document(job)
+        click.echo(
+            f"timed out after {exc.timeout:g} s waiting for job {job_id} (still {state}); "
+            f"the job goes on — `retort wait {job_id}` to keep waiting",
+            err=True,
+        )
+        # A job held for approval is a refusal for the pipeline, whatever the clock says.
+        return EXIT_REFUSED if state == "waiting_for_approval" else EXIT_TIMEOUT
+    finally:
+        printer.stop()
+    assert job is not None  # watch_job yields at least once or raises
+    if cli.as_json:
+        cli.document(job)
+    else:
+        printer.outcome(job)
+    return job_exit_code(job)
+
+
+class JobPrinter:
+    """Print a job's new state and steps once each; on a terminal, a live status line."""
+
+    SPINNER = "|/-\\"
+
+    def __init__(self, job_id: int, live: bool, quiet: bool = False):
+        self.job_id = job_id
+        self.live = live
+        self.quiet = quiet
+        self.state: str | None = None
+        self.steps = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+        if live:
+            self.thread = threading.Thread(target=self._spin, daemon=True)
+            self.thread.start()
+
+    def update(self, job: dict[str, Any]) -> None:
+        """Print what changed since the last update."""
+        if self.quiet:
+            return
+        steps = job.get("steps") or []
+        new_steps = [_step_line(s) for s in steps[self.steps :]]
+        self.steps = max(self.steps, len(steps))
+        lines = []
+        # The outcome line reports a final state; any other is printed before the
+        # steps it led to.
+        if job["state"] != self.state and job["state"] not in FINAL_STATES:
+            arrow = f"{self.state} → " if self.state else ""
+            extra = ""
+            holder = (job.get("lock") or {}).get("held_by_job")
+            if job["state"] == "waiting_for_lock" and holder:
+                extra = f" (held by job {holder})"
+            elif job["state"] == "waiting_for_approval":
+                extra = " (someone must approve it)"
+            lines.append(f"job {job['id']}: {arrow}{job['state']}{extra}")
+        self.state = job["state"]
+        self._print(lines + new_steps)
+
+    def outcome(self, job: dict[str, Any]) -> None:
+        """Print how the job ended."""
+        if job["state"] == "succeeded":
+            heads = _revs(job.get("to_heads") or [])
+            secs = time.monotonic() - self.started
+            click.echo(f"job {job['id']} succeeded: {job['database']} is at {heads} ({secs:.1f} s)")
+        else:
+            click.echo(f"job {job['id']} {job['state']}")
+            _show_error(job.get("error"))
+
+    def stop(self) -> None:
+        """End the live line, leaving the terminal clean."""
+        if self.thread and not self.done.is_set():
+            self.done.set()
+            self.thread.join()
+            with self.lock:
+                sys.stdout.write("\r\x1b[K")
+                sys.stdout.flush()
+
+    def _print(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        with self.lock:
+            if self.live:
+                sys.stdout.write("\r\x1b[K")  # clear the status line before a new line
+            for line in lines:
+                click.echo(line)
+
+    def _spin(self) -> None:
+        for frame in itertools.cycle(self.SPINNER):
+            if self.done.wait(0.1):
+                return
+            elapsed = time.monotonic() - self.started
+            with self.lock:
+                sys.stdout.write(
+                    f"\r\x1b[K{frame} job {self.job_id} {self.state or '…'} {elapsed:.0f} s"
+                )
+                sys.stdout.flush()
+
+
+def _show_job(job: dict[str, Any]) -> None:
+    click.echo(
+        f"job {job['id']}  {job['state']}  {job['action']} {job['database']} to {job['target']}"
+    )
+    click.echo(f"  bundle       {job['bundle'][:12]} (project {job['project']})")
+    click.echo(f"  requested    {_when(job.get('created_at'))} by {job.get('requested_by')}")
+    if job.get("from_heads") is not None:
+        click.echo(f"  from         {_revs(job['from_heads'])}")
+    if job.get("to_heads") is not None:
+        click.echo(f"  to           {_revs(job['to_heads'])}")
+    holder = (job.get("lock") or {}).get("held_by_job")
+    if job["state"] == "waiting_for_lock" and holder:
+        click.echo(f"  waiting for  job {holder}, which holds the lock")
+    steps = job.get("steps") or []
+    if steps:
+        click.echo("  steps:")
+        for step in steps:
+            click.echo("  " + _step_line(step))
+    _show_error(job.get("error"))
+
+
+def _show_error(error: dict[str, Any] | None) -> None:
+    if not error:
+        return
+    click.echo(f"  error: {error.get('code')}: {error.get('message')}")
+    for key in ("revision", "statement", "database_message"):
+        if error.get(key):
+            click.echo(f"    {key.replace('_', ' ')}: {_shorten(str(error[key]), 500)}")
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    verbs = {"up": "applied", "down": "reverted", "stamp": "stamped"}
+    verb = verbs.get(step.get("direction"), "applied") if step["state"] == "applied" else "failed"
+    message = f" {step['message']}" if step.get("message") else ""
+    return f"  {verb} {_revs(step['revisions'])}{message} ({_ms(step.get('duration_ms'))})"
+
+
+def _direction(entry: dict[str, Any]) -> str:
+    direction = entry.get("direction") or entry.get("action") or ""
+    return direction if entry.get("state", "applied") == "applied" else f"{direction} (failed)"
+
+
+def _table(headers: list[str], rows: list[list[str]], empty: str) -> None:
+    if not rows:
+        click.echo(empty)
+        return
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _revs(revs: list[str]) -> str:
+    return ", ".join(revs) if revs else "base (nothing applied)"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def _when(iso: str | None) -> str:
+    # 2024-05-01T12:34:56.789+00:00 -> 2024-05-01 12:34:56: enough for a table.
+    return (iso or "")[:19].replace("T", " ")
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
