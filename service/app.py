@@ -16,10 +16,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
+from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
 from service.db import make_engine, make_sessionmaker, transaction
 from service.errors import (
+    ForbiddenError,
     InvalidError,
     PayloadTooLargeError,
     ServiceError,
@@ -29,7 +31,9 @@ from service.errors import (
 from service.idempotency import ops as idempotency
 from service.idempotency.ops import check_key
 from service.jobs.watch import JobWatcher
+from service.principal import ADMIN, Principal
 from service.queue import Dispatcher
+from service.tokens.ops import authenticate
 from service.webhooks import outbox
 
 log = logging.getLogger("retort.api")
@@ -66,24 +70,31 @@ def create_app(config: Config | None = None) -> Flask:
     from service.databases.api import bp as databases_bp
     from service.jobs.api import bp as jobs_bp
     from service.projects.api import bp as projects_bp
+    from service.tokens.api import bp as tokens_bp
     from service.webhooks.api import bp as webhooks_bp
 
-    for bp in (projects_bp, bundles_bp, databases_bp, jobs_bp, audit_bp, webhooks_bp):
+    for bp in (projects_bp, bundles_bp, databases_bp, jobs_bp, audit_bp, webhooks_bp, tokens_bp):
         app.register_blueprint(bp, url_prefix="/v1")
 
     @app.before_request
     def _authenticate():
+        g.principal = None
         if not request.path.startswith("/v1/"):
             return None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise UnauthorizedError("send `Authorization: Bearer <token>`")
-        if not hmac.compare_digest(token.strip().encode(), config.admin_token.encode()):
-            raise UnauthorizedError("the token is not valid")
-        g.actor = "admin"
+        if hmac.compare_digest(token.encode(), config.admin_token.encode()):
+            g.principal = ADMIN
+        else:
+            with transaction(services().sessions) as s:
+                g.principal = authenticate(s, token)
+            if g.principal is None:
+                raise UnauthorizedError("the token is not valid (unknown, revoked or expired)")
         # Idempotency keys belong to the token that sent them, stored as a digest.
-        g.token_digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        g.token_digest = hashlib.sha256(token.encode()).hexdigest()
         return None
 
     @app.get("/healthz")
@@ -109,6 +120,7 @@ def create_app(config: Config | None = None) -> Flask:
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
+        _audit_refusal(exc.status, exc.code, exc.message)
         return jsonify(exc.to_dict()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
@@ -117,6 +129,7 @@ def create_app(config: Config | None = None) -> Flask:
             exc.code or 500, (exc.name or "error").lower().replace(" ", "_")
         )
         body = {"error": {"code": code, "message": exc.description, "details": {}}}
+        _audit_refusal(exc.code or 500, code, exc.description or "")
         return jsonify(body), exc.code
 
     @app.errorhandler(Exception)
@@ -132,8 +145,52 @@ def services() -> Services:
     return current_app.extensions["retort"]
 
 
+def principal() -> Principal:
+    return g.principal
+
+
 def actor() -> str:
-    return g.actor
+    return g.principal.name
+
+
+def require(role: str, *, everywhere: bool = False) -> None:
+    """Refuse (403) a token whose role is below `role`, or that is not for every project."""
+    who = principal()
+    if not who.has_role(role):
+        raise ForbiddenError(
+            f"a {who.role} token cannot do this: it needs the {role} role",
+            {"role": who.role, "needs": role},
+        )
+    if everywhere and not who.everywhere:
+        raise ForbiddenError(
+            'this needs a token for every project (projects: "*")',
+            {"role": who.role, "needs": f"{role} on *"},
+        )
+
+
+def _audit_refusal(status: int, code: str, message: str) -> None:
+    """Record a refused write in the audit log: who, what, why (reads are not recorded)."""
+    if request.method in ("GET", "HEAD", "OPTIONS") or not 400 <= status < 500:
+        return
+    if not request.path.startswith("/v1/"):
+        return
+    who = getattr(g, "principal", None)
+    try:
+        with transaction(services().sessions) as s:
+            record_event(
+                s,
+                "request.refused",
+                actor=who.name if who else "anonymous",
+                data={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "code": code,
+                    "message": message[:500],
+                },
+            )
+    except Exception:  # noqa: BLE001 - the refusal is answered even if it cannot be recorded
+        log.exception("could not record a refused %s %s", request.method, request.path)
 
 
 def idempotent(

@@ -336,6 +336,86 @@ def register(main: click.Group) -> None:
             )
         return EXIT_OK if result["ok"] else EXIT_FAILED
 
+    @main.group()
+    def token() -> None:
+        """API tokens: a role (admin, deployer, viewer) over some projects. Needs an admin token."""
+
+    @api_command(token, "create")
+    @click.argument("name")
+    @click.option(
+        "--role", type=click.Choice(["viewer", "deployer", "admin"]), required=True, help="Role."
+    )
+    @click.option("--project", "projects", multiple=True, help="A project it may see (repeat).")
+    @click.option("--all-projects", is_flag=True, help="Every project, now and later.")
+    @click.option("--expires-at", help="ISO 8601 time after which the token stops working.")
+    def token_create(
+        cli: Cli,
+        name: str,
+        role: str,
+        projects: tuple[str, ...],
+        all_projects: bool,
+        expires_at: str | None,
+    ) -> int:
+        """Make a token NAME; print it once (it cannot be shown again)."""
+        if bool(projects) == all_projects:
+            raise click.UsageError("give --project (one or more) or --all-projects")
+        body: dict[str, Any] = {
+            "name": name,
+            "role": role,
+            "projects": "*" if all_projects else list(projects),
+        }
+        if expires_at:
+            body["expires_at"] = expires_at
+        made = cli.api.request("POST", "/v1/tokens", json_body=body).body
+        if cli.as_json:
+            cli.document(made)
+        else:
+            click.echo(made["token"])
+            click.echo(
+                f"token {made['id']} {made['name']}: {made['role']} on {_projects(made)}; "
+                "store it now, it is not shown again",
+                err=True,
+            )
+        return EXIT_OK
+
+    @api_command(token, "list")
+    def token_list(cli: Cli) -> int:
+        """List tokens (never their secrets)."""
+        page = cli.api.get("/v1/tokens")
+        if cli.as_json:
+            cli.document(page)
+            return EXIT_OK
+        rows = [
+            [
+                str(t["id"]),
+                t["name"],
+                t["role"],
+                _projects(t),
+                _when(t["created_at"]),
+                _when(t["expires_at"]) if t["expires_at"] else "",
+                "revoked" if t["revoked_at"] else "active",
+            ]
+            for t in page["tokens"]
+        ]
+        headers = ["ID", "NAME", "ROLE", "PROJECTS", "CREATED", "EXPIRES", "STATE"]
+        _table(headers, rows, "no tokens")
+        return EXIT_OK
+
+    @api_command(token, "revoke")
+    @click.argument("token_id", metavar="ID", type=int)
+    def token_revoke(cli: Cli, token_id: int) -> int:
+        """Revoke token ID: its next request is refused."""
+        cli.api.request("DELETE", f"/v1/tokens/{token_id}")
+        cli.echo(f"token {token_id} revoked")
+        if cli.as_json:
+            cli.document({"id": token_id, "revoked": True})
+        return EXIT_OK
+
+
+def _projects(token: dict[str, Any]) -> str:
+    projects = token["projects"]
+    return "every project" if projects == "*" else ", ".join(projects)
+
 
 # ---------------------------------------------------------------- pieces
 

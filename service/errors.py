@@ -48,6 +48,11 @@ class UnauthorizedError(ServiceError):
     code = "unauthorized"
 
 
+class ForbiddenError(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
 class PayloadTooLargeError(ServiceError):
     status = 413
     code = "payload_too_large"

@@ -8,9 +8,11 @@ from service.idempotency.models import IdempotencyKey
 from service.jobs.models import Job, JobStep
 from service.locks.models import Lease
 from service.projects.models import Project
+from service.tokens.models import ApiToken
 from service.webhooks.models import Webhook, WebhookDelivery
 
 __all__ = [
+    "ApiToken",
     "AppliedRevision",
     "AuditEvent",
     "AuditHead",

@@ -1,7 +1,7 @@
 from flask import Blueprint
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.app import parse_query, services
+from service.app import parse_query, principal, require, services
 from service.audit.ops import list_events, serialize_event, verify_chain
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
@@ -30,6 +30,7 @@ def index_audit():
             job=params.job,
             limit=params.limit,
             before=decode_cursor(params.cursor) if params.cursor else None,
+            projects=principal().projects,
         )
     return {
         "events": [serialize_event(e) for e in events],
@@ -39,5 +40,7 @@ def index_audit():
 
 @bp.get("/audit/verify")
 def verify_audit():
+    # The chain spans every project: verifying it is for tokens that see them all.
+    require("viewer", everywhere=True)
     with transaction(services().sessions) as s:
         return verify_chain(s)

@@ -124,9 +124,15 @@ def list_events(
     job: int | None,
     limit: int,
     before: int | None,
+    projects: frozenset[str] | None = None,
 ) -> tuple[list[AuditEvent], int | None]:
-    """Return one page of events, newest first, and the seq to continue before."""
+    """Return one page of events, newest first, and the seq to continue before.
+
+    `projects` limits the page to those projects' events (a scoped token's view).
+    """
     query = select(AuditEvent)
+    if projects is not None:
+        query = query.where(AuditEvent.project.in_(projects))
     if database:
         query = query.where(AuditEvent.database == database)
     if project:

@@ -1,6 +1,6 @@
 from flask import Blueprint, request
 
-from service.app import actor, idempotent, services
+from service.app import actor, idempotent, principal, require, services
 from service.bundles.archive import Limits, parse_bundle
 from service.bundles.ops import get_bundle, serialize_bundle, store_bundle
 from service.db import transaction
@@ -19,6 +19,7 @@ GZIP_TYPES = {
 
 @bp.post("/projects/<name>/bundles")
 def post_bundle(name: str):
+    require("deployer")
     config = services().config
     if request.mimetype not in GZIP_TYPES:
         raise UnsupportedMediaTypeError(
@@ -26,7 +27,7 @@ def post_bundle(name: str):
             {"content_type": request.mimetype},
         )
     with transaction(services().sessions) as s:
-        project = get_project(s, name)
+        project = get_project(s, name, principal())
     parsed = parse_bundle(
         request.get_data(cache=False),
         Limits(
@@ -38,7 +39,7 @@ def post_bundle(name: str):
     )
 
     def create(s) -> tuple[str, int]:
-        bundle, created = store_bundle(s, get_project(s, name), parsed, actor())
+        bundle, created = store_bundle(s, get_project(s, name, principal()), parsed, actor())
         return bundle.digest, 201 if created else 200
 
     # Upload the same content twice and you get the same bundle anyway; the key
@@ -55,5 +56,5 @@ def post_bundle(name: str):
 @bp.get("/projects/<name>/bundles/<ref>")
 def show_bundle(name: str, ref: str):
     with transaction(services().sessions) as s:
-        project = get_project(s, name)
+        project = get_project(s, name, principal())
         return serialize_bundle(get_bundle(s, project, ref), project, graph=True)

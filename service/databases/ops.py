@@ -18,14 +18,15 @@ from service.databases.schemas import DatabaseCreate
 from service.db import iso
 from service.errors import ConflictError, NotFoundError
 from service.locks.models import Lease
+from service.principal import Principal
 from service.projects.models import Project
 from service.projects.ops import get_project
 
 
 def create_database(
-    session: Session, body: DatabaseCreate, box: SecretBox, actor: str
+    session: Session, body: DatabaseCreate, box: SecretBox, actor: str, who: Principal | None = None
 ) -> tuple[Database, Project]:
-    project = get_project(session, body.project)
+    project = get_project(session, body.project, who)
     url = targets.normalize_url(body.url)
     if session.scalar(select(Database.id).where(Database.name == body.name)) is not None:
         raise ConflictError(f"database {body.name!r} already exists", {"name": body.name})
@@ -51,17 +52,26 @@ def create_database(
     return db, project
 
 
-def get_database(session: Session, name: str) -> Database:
+def get_database(session: Session, name: str, who: Principal | None = None) -> Database:
+    """Find a database by name; one in a project the principal may not see answers 404."""
     db = session.scalar(select(Database).where(Database.name == name))
+    if db is not None and who is not None and not who.everywhere:
+        if not who.sees(session.get(Project, db.project_id).name):
+            db = None
     if db is None:
         raise NotFoundError(f"no database named {name!r}", {"database": name})
     return db
 
 
 def list_databases(
-    session: Session, project: str | None = None, tag: str | None = None
+    session: Session,
+    project: str | None = None,
+    tag: str | None = None,
+    who: Principal | None = None,
 ) -> list[tuple[Database, Project]]:
     query = select(Database, Project).join(Project, Project.id == Database.project_id)
+    if who is not None and not who.everywhere:
+        query = query.where(Project.name.in_(who.projects))
     if project:
         query = query.where(Project.name == project)
     rows = list(session.execute(query.order_by(Database.name)).tuples())

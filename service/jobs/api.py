@@ -4,7 +4,7 @@ import time
 
 from flask import Blueprint, Response, request, url_for
 
-from service.app import actor, idempotent, parse_json, parse_query, services
+from service.app import actor, idempotent, parse_json, parse_query, principal, require, services
 from service.db import transaction
 from service.errors import ServiceError
 from service.jobs.models import FINAL_STATES
@@ -36,11 +36,12 @@ class TooManyWaitersServiceError(ServiceError):
 
 @bp.post("/jobs")
 def post_job():
+    require("deployer")
     body = parse_json(JobCreate)
     outcome = {"coalesced": False}
 
     def create(s) -> tuple[str, int]:
-        job, outcome["coalesced"] = create_job(s, body, actor())
+        job, outcome["coalesced"] = create_job(s, body, actor(), principal())
         return str(job.id), 202
 
     resource, status, replayed = idempotent("POST /v1/jobs", body.model_dump(mode="json"), create)
@@ -89,7 +90,7 @@ def show_job(job_id: int):
 
 def _read_job(job_id: int) -> dict:
     with transaction(services().sessions) as s:
-        return serialize_job(s, get_job(s, job_id))
+        return serialize_job(s, get_job(s, job_id, principal()))
 
 
 @bp.get("/jobs/<int:job_id>/events")
@@ -149,7 +150,7 @@ def _sse(event: str, data: dict) -> str:
 def index_jobs():
     params = parse_query(JobList)
     with transaction(services().sessions) as s:
-        jobs, cursor = list_jobs(s, params)
+        jobs, cursor = list_jobs(s, params, principal())
         return {
             "jobs": [serialize_job(s, j, with_steps=False) for j in jobs],
             "next_cursor": cursor,
@@ -158,13 +159,14 @@ def index_jobs():
 
 @bp.post("/jobs/<int:job_id>/cancel")
 def post_cancel(job_id: int):
+    require("deployer")
     with transaction(services().sessions) as s:
-        return serialize_job(s, cancel_job(s, job_id, actor()))
+        return serialize_job(s, cancel_job(s, job_id, actor(), principal()))
 
 
 @bp.get("/databases/<name>/history")
 def database_history(name: str):
     params = parse_query(HistoryList)
     with transaction(services().sessions) as s:
-        history, cursor = list_history(s, name, params.limit, params.cursor)
+        history, cursor = list_history(s, name, params.limit, params.cursor, principal())
     return {"history": history, "next_cursor": cursor}

@@ -21,12 +21,15 @@ from service.jobs.schemas import JobCreate, JobList
 from service.jobs.targets import check_target
 from service.jobs.watch import progress_key
 from service.locks.models import Lease
+from service.principal import Principal
 from service.projects.models import Project
 
 _RELATIVE = re.compile(r"[+-]\d+$")
 
 
-def create_job(session: Session, body: JobCreate, actor: str) -> tuple[Job, bool]:
+def create_job(
+    session: Session, body: JobCreate, actor: str, who: Principal | None = None
+) -> tuple[Job, bool]:
     """Queue a migration, or attach to an identical one still waiting to start.
 
     Returns the job and whether the request was coalesced into an existing one.
@@ -35,7 +38,7 @@ def create_job(session: Session, body: JobCreate, actor: str) -> tuple[Job, bool
     takes the later requests, and all of them see its outcome. Relative targets
     (`+1`) never coalesce: two requests for one more step mean two steps.
     """
-    db = get_database(session, body.database)
+    db = get_database(session, body.database, who)
     project = session.get(Project, db.project_id)
     bundle = get_bundle(session, project, body.bundle or "latest")
     target = check_target(bundle, body.action, body.target)
@@ -93,8 +96,11 @@ def mark_dispatched(session: Session, job_id: int) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
 
 
-def get_job(session: Session, job_id: int) -> Job:
+def get_job(session: Session, job_id: int, who: Principal | None = None) -> Job:
     job = session.get(Job, job_id)
+    if job is not None and who is not None and not who.everywhere:
+        if not who.sees(session.get(Project, job.project_id).name):
+            job = None
     if job is None:
         raise NotFoundError(f"no job {job_id}", {"job": job_id})
     return job
@@ -111,11 +117,17 @@ def decode_cursor(cursor: str) -> int:
         raise InvalidError("cursor is not one this server gave out", {"field": "cursor"}) from None
 
 
-def list_jobs(session: Session, params: JobList) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session, params: JobList, who: Principal | None = None
+) -> tuple[list[Job], str | None]:
     """Return one page of jobs, newest first, and the cursor of the next page."""
     query = select(Job)
+    if who is not None and not who.everywhere:
+        query = query.join(Project, Project.id == Job.project_id).where(
+            Project.name.in_(who.projects)
+        )
     if params.database:
-        db = get_database(session, params.database)
+        db = get_database(session, params.database, who)
         query = query.where(Job.database_id == db.id)
     if params.state:
         query = query.where(Job.state == params.state)
@@ -127,8 +139,8 @@ def list_jobs(session: Session, params: JobList) -> tuple[list[Job], str | None]
     return jobs, encode_cursor(jobs[-1].id) if more else None
 
 
-def cancel_job(session: Session, job_id: int, actor: str) -> Job:
-    job = get_job(session, job_id)
+def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None = None) -> Job:
+    job = get_job(session, job_id, who)
     done = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(("queued", "waiting_for_lock")))
@@ -206,10 +218,10 @@ def serialize_step(step: JobStep) -> dict[str, Any]:
 
 
 def list_history(
-    session: Session, database: str, limit: int, cursor: str | None
+    session: Session, database: str, limit: int, cursor: str | None, who: Principal | None = None
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Return what was applied to a database, newest first: each step, its job and requester."""
-    db = get_database(session, database)
+    db = get_database(session, database, who)
     query = (
         select(JobStep, Job)
         .join(Job, Job.id == JobStep.job_id)

@@ -1,6 +1,6 @@
 from flask import Blueprint
 
-from service.app import actor, parse_json, services
+from service.app import actor, parse_json, principal, require, services
 from service.db import transaction
 from service.projects.ops import create_project, get_project, list_projects, serialize_project
 from service.projects.schemas import ProjectCreate
@@ -10,6 +10,7 @@ bp = Blueprint("projects", __name__)
 
 @bp.post("/projects")
 def post_project():
+    require("admin", everywhere=True)
     body = parse_json(ProjectCreate)
     with transaction(services().sessions) as s:
         project = create_project(s, body, actor())
@@ -19,10 +20,10 @@ def post_project():
 @bp.get("/projects")
 def index_projects():
     with transaction(services().sessions) as s:
-        return {"projects": [serialize_project(p) for p in list_projects(s)]}
+        return {"projects": [serialize_project(p) for p in list_projects(s, principal())]}
 
 
 @bp.get("/projects/<name>")
 def show_project(name: str):
     with transaction(services().sessions) as s:
-        return serialize_project(get_project(s, name))
+        return serialize_project(get_project(s, name, principal()))

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from service.audit.ops import record_event
 from service.db import iso
 from service.errors import ConflictError, NotFoundError
+from service.principal import Principal
 from service.projects.models import Project
 from service.projects.schemas import ProjectCreate
 
@@ -30,15 +31,19 @@ def create_project(session: Session, body: ProjectCreate, actor: str) -> Project
     return project
 
 
-def get_project(session: Session, name: str) -> Project:
+def get_project(session: Session, name: str, who: Principal | None = None) -> Project:
+    """Find a project by name; one the principal may not see is as missing as one that is."""
     project = session.scalar(select(Project).where(Project.name == name))
-    if project is None:
+    if project is None or (who is not None and not who.sees(name)):
         raise NotFoundError(f"no project named {name!r}", {"project": name})
     return project
 
 
-def list_projects(session: Session) -> list[Project]:
-    return list(session.scalars(select(Project).order_by(Project.name)))
+def list_projects(session: Session, who: Principal | None = None) -> list[Project]:
+    query = select(Project)
+    if who is not None and not who.everywhere:
+        query = query.where(Project.name.in_(who.projects))
+    return list(session.scalars(query.order_by(Project.name)))
 
 
 def serialize_project(project: Project) -> dict[str, Any]:

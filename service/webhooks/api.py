@@ -1,6 +1,6 @@
 from flask import Blueprint
 
-from service.app import actor, parse_json, parse_query, services
+from service.app import actor, parse_json, parse_query, principal, require, services
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
 from service.projects.ops import get_project
@@ -20,9 +20,10 @@ bp = Blueprint("webhooks", __name__)
 
 @bp.post("/projects/<name>/webhooks")
 def post_webhook(name: str):
+    require("deployer")
     body = parse_json(WebhookCreate)
     with transaction(services().sessions) as s:
-        project = get_project(s, name)
+        project = get_project(s, name, principal())
         hook, secret = create_webhook(s, project, body, services().box, actor())
         return serialize_webhook(hook, project, secret=secret), 201
 
@@ -30,21 +31,22 @@ def post_webhook(name: str):
 @bp.get("/projects/<name>/webhooks")
 def index_webhooks(name: str):
     with transaction(services().sessions) as s:
-        project = get_project(s, name)
+        project = get_project(s, name, principal())
         return {"webhooks": [serialize_webhook(h, project) for h in list_webhooks(s, project)]}
 
 
 @bp.get("/projects/<name>/webhooks/<int:webhook_id>")
 def show_webhook(name: str, webhook_id: int):
     with transaction(services().sessions) as s:
-        project = get_project(s, name)
+        project = get_project(s, name, principal())
         return serialize_webhook(get_webhook(s, project, webhook_id), project)
 
 
 @bp.delete("/projects/<name>/webhooks/<int:webhook_id>")
 def remove_webhook(name: str, webhook_id: int):
+    require("deployer")
     with transaction(services().sessions) as s:
-        delete_webhook(s, get_project(s, name), webhook_id)
+        delete_webhook(s, get_project(s, name, principal()), webhook_id, actor())
     return "", 204
 
 
@@ -52,7 +54,7 @@ def remove_webhook(name: str, webhook_id: int):
 def index_deliveries(name: str, webhook_id: int):
     params = parse_query(DeliveryList)
     with transaction(services().sessions) as s:
-        hook = get_webhook(s, get_project(s, name), webhook_id)
+        hook = get_webhook(s, get_project(s, name, principal()), webhook_id)
         rows, before = list_deliveries(
             s, hook, params.limit, decode_cursor(params.cursor) if params.cursor else None
         )

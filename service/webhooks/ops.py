@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.audit import ops as audit
 from service.crypto import SecretBox
 from service.db import iso
 from service.errors import InvalidError, NotFoundError
@@ -49,6 +50,14 @@ def create_webhook(
     )
     session.add(hook)
     session.flush()
+    audit.record_event(
+        session,
+        "webhook.created",
+        actor=actor,
+        project=project.name,
+        # Only the host: receivers' URLs often carry a secret in their path.
+        data={"webhook": hook.id, "host": parts.hostname, "events": hook.events},
+    )
     return hook, secret
 
 
@@ -72,9 +81,12 @@ def list_webhooks(session: Session, project: Project) -> list[Webhook]:
     )
 
 
-def delete_webhook(session: Session, project: Project, webhook_id: int) -> None:
+def delete_webhook(session: Session, project: Project, webhook_id: int, actor: str) -> None:
     """Stop sending to a webhook; its deliveries stay on record."""
     get_webhook(session, project, webhook_id).active = False
+    audit.record_event(
+        session, "webhook.deleted", actor=actor, project=project.name, data={"webhook": webhook_id}
+    )
 
 
 def list_deliveries(

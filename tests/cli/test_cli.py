@@ -299,3 +299,29 @@ def test_an_identical_pending_job_is_joined(prod, new_db):
 
     alone = cli(prod, "migrate", db, "--no-coalesce", "--json")
     assert json.loads(alone.stdout)["coalesced_into"] is None
+
+
+def test_token_create_list_revoke(prod, new_db):
+    project, _ = setup_project(prod.client, chain_bundle(1))
+    db = register_db(prod.client, project, new_db("sqlite"))
+    name = unique("ci-viewer")
+    out = cli(prod, "token", "create", name, "--role", "viewer", "--project", project)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert token.startswith("rtk_") and "not shown again" in out.stderr
+    listed = cli(prod, "token", "list")
+    assert name in listed.stdout and token not in listed.stdout
+    assert cli(prod, "jobs", "--database", db, token=token).returncode == 0
+    # A viewer may not migrate: refused before anything is queued.
+    out = cli(prod, "migrate", db, token=token)
+    assert out.returncode == 5 and "deployer" in out.stderr, out.stderr
+    token_id = next(
+        t["id"]
+        for t in json.loads(cli(prod, "token", "list", "--json").stdout)["tokens"]
+        if t["name"] == name
+    )
+    assert cli(prod, "token", "revoke", str(token_id)).returncode == 0
+    out = cli(prod, "jobs", token=token)
+    assert out.returncode == 5 and "revoked" in out.stderr, out.stderr
+    out = cli(prod, "token", "create", unique("x"), "--role", "viewer")
+    assert out.returncode == 2 and "--all-projects" in out.stderr

@@ -130,9 +130,16 @@ def test_signed_deliveries_for_started_succeeded_and_failed(retort, new_db):
         payload = verify(SECRET, req["headers"], req["body"])
         assert payload["job"]["error"]["revision"] == "x"
 
-        deliveries = c.get(f"/v1/projects/{project}/webhooks/{hook['id']}/deliveries").body
-        assert len(deliveries["deliveries"]) == 4  # started, succeeded; started, failed
-        for d in deliveries["deliveries"]:
+        path = f"/v1/projects/{project}/webhooks/{hook['id']}/deliveries"
+
+        def all_recorded():
+            # The receiver answers before the worker records the answer.
+            found = c.get(path).body["deliveries"]
+            return found if all(d["state"] != "pending" for d in found) else None
+
+        deliveries = _until(all_recorded)
+        assert len(deliveries) == 4  # started, succeeded; started, failed
+        for d in deliveries:
             assert d["state"] == "delivered" and d["status_code"] == 204 and d["attempts"] == 1
             assert d["attempt_log"][0]["status_code"] == 204
     finally:

@@ -1,0 +1,32 @@
+from flask import Blueprint
+
+from service.app import actor, parse_json, require, services
+from service.db import transaction
+from service.tokens.ops import create_token, list_tokens, revoke_token, serialize_token
+from service.tokens.schemas import TokenCreate
+
+bp = Blueprint("tokens", __name__)
+
+
+@bp.post("/tokens")
+def post_token():
+    require("admin", everywhere=True)
+    body = parse_json(TokenCreate)
+    with transaction(services().sessions) as s:
+        token, clear = create_token(s, body, actor())
+        return serialize_token(token, clear), 201
+
+
+@bp.get("/tokens")
+def index_tokens():
+    require("admin", everywhere=True)
+    with transaction(services().sessions) as s:
+        return {"tokens": [serialize_token(t) for t in list_tokens(s)]}
+
+
+@bp.delete("/tokens/<int:token_id>")
+def delete_token(token_id: int):
+    require("admin", everywhere=True)
+    with transaction(services().sessions) as s:
+        revoke_token(s, token_id, actor())
+    return "", 204

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.projects.schemas import Name
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    role: Literal["admin", "deployer", "viewer"]
+    # "*" for every project (now and later), else a list of existing project names.
+    projects: Literal["*"] | list[Name] = Field(min_length=1)
+    expires_at: dt.datetime | None = None
