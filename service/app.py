@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from service.audit.ops import record_event
 from service.config import Config
@@ -39,6 +40,13 @@ from service.webhooks import outbox
 log = logging.getLogger("retort.api")
 
 
+class IdConverter(IntegerConverter):
+    """A row id in a URL: a positive 64-bit integer; anything larger is simply not found."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        super().__init__(url_map, min=1, max=2**63 - 1)
+
+
 @dataclasses.dataclass
 class Services:
     config: Config
@@ -51,6 +59,7 @@ class Services:
 def create_app(config: Config | None = None) -> Flask:
     config = config or Config.from_env()
     app = Flask("retort")
+    app.url_map.converters["id"] = IdConverter
     app.config["MAX_CONTENT_LENGTH"] = config.max_bundle_bytes
     app.json.sort_keys = False
     engine = make_engine(config.database_url)

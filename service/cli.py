@@ -66,6 +66,7 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
         procs.append(
             subprocess.Popen(worker_command(config, workers) + beat_options(config), env=env)
         )
+        procs.append(subprocess.Popen(webhooks_command(config, 4), env=env))
         token_where = (
             "RETORT_ADMIN_TOKEN"
             if os.environ.get("RETORT_ADMIN_TOKEN")
@@ -110,6 +111,16 @@ def worker(concurrency: int, name: str) -> None:
     """Run only a migration worker under Celery (production)."""
     config = _config(None, None)
     cmd = worker_command(config, concurrency, name)
+    os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
+
+
+@main.command()
+@click.option("--concurrency", default=8, show_default=True, help="Deliveries sent at once.")
+@click.option("--name", default="retort", show_default=True, help="Celery node name.")
+def webhooks(concurrency: int, name: str) -> None:
+    """Run only a webhook sender (production): a thread pool on the webhooks queue."""
+    config = _config(None, None)
+    cmd = webhooks_command(config, concurrency, name)
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 
 
@@ -176,6 +187,31 @@ def worker_command(config: Config, concurrency: int, name: str = "retort") -> li
         config.queue,
         "--hostname",
         f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def webhooks_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
+    """A worker for deliveries only: threads suit waiting on receivers, and no Alembic runs here."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "-Q",
+        config.webhook_queue,
+        "--hostname",
+        f"webhooks-{name}@%h",
         "--loglevel",
         "INFO",
         "--without-gossip",

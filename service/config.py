@@ -109,6 +109,11 @@ class Config:
         return max(1, self.api_threads - reserve)
 
     @property
+    def webhook_queue(self) -> str:
+        """Deliveries have their own queue and worker: a slow receiver never holds a migration."""
+        return f"{self.queue}.webhooks"
+
+    @property
     def bundle_cache_dir(self) -> Path:
         return self.data_dir / "bundle-cache"
 

@@ -30,6 +30,7 @@ def make_celery(config: Config) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
         enable_utc=True,
+        task_routes={DELIVER: {"queue": config.webhook_queue}},
         beat_schedule={
             "sweep": {
                 "task": SWEEP,
@@ -46,12 +47,15 @@ class Dispatcher:
 
     def __init__(self, config: Config):
         self._app = make_celery(config)
+        self._webhook_queue = config.webhook_queue
 
     def send_job(self, job_id: int) -> None:
         self._app.send_task(RUN_JOB, args=[job_id])
 
     def send_delivery(self, delivery_id: int, countdown: float | None = None) -> None:
-        self._app.send_task(DELIVER, args=[delivery_id], countdown=countdown)
+        self._app.send_task(
+            DELIVER, args=[delivery_id], countdown=countdown, queue=self._webhook_queue
+        )
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:

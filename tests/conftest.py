@@ -157,6 +157,7 @@ def prod(backends, tmp_path_factory):
         server.spawn("api", [sys.executable, "-m", "service.cli", "api", "--port", str(port)])
         server.start_worker("w1")
         server.start_worker("w2")
+        server.spawn("webhooks", [sys.executable, "-m", "service.cli", "webhooks"])
         server.spawn("beat", [sys.executable, "-m", "service.cli", "beat"])
         server.wait_ready()
         yield server

@@ -17,7 +17,7 @@ def test_compose_file_runs_the_documented_commands():
     assert services["api"]["environment"]["RETORT_DATABASE_URL"].startswith("postgresql")
     assert services["worker"]["environment"]["RETORT_BROKER_URL"].startswith("redis://")
     retort = shutil.which("retort") or str(Path(sys.executable).parent / "retort")
-    for name in ("api", "worker", "beat", "migrate"):
+    for name in ("api", "worker", "webhooks", "beat", "migrate"):
         cmd = services[name]["command"]
         assert cmd[0] == "retort"
         # Every subcommand and option the compose file names exists: --help parses them.

@@ -1,5 +1,6 @@
 import json
 import logging
+import threading
 import time
 
 from flask import Blueprint, Response, request, url_for
@@ -26,6 +27,9 @@ log = logging.getLogger("retort.api")
 
 # Sent instead of holding a request when every waiting slot is taken.
 RETRY_AFTER_S = 1
+# An event stream sends a comment this often when nothing happens, and ends after MAX_STREAM_S.
+KEEPALIVE_S = 15
+MAX_STREAM_S = 600
 
 
 class TooManyWaitersServiceError(ServiceError):
@@ -64,7 +68,7 @@ def post_job():
     return out, status, headers
 
 
-@bp.get("/jobs/<int:job_id>")
+@bp.get("/jobs/<id:job_id>")
 def show_job(job_id: int):
     """Show a job; with `?wait=S`, first hold the request until it changes (long poll).
 
@@ -93,53 +97,67 @@ def _read_job(job_id: int) -> dict:
         return serialize_job(s, get_job(s, job_id, principal()))
 
 
-@bp.get("/jobs/<int:job_id>/events")
+@bp.get("/jobs/<id:job_id>/events")
 def job_events(job_id: int):
     """Stream a job's state changes and steps as Server-Sent Events until it ends.
 
     Events: `state` (the job without its steps), `step` (one step, in order),
-    `end` (the final job, then the stream closes). A reconnect starts over
-    with the current state and every step so far.
+    `end` (the final job, then the stream closes). A stream holds one of the
+    process's waiting slots for its whole life and closes after
+    MAX_STREAM_S; a reconnect starts over with the current state and every
+    step so far.
     """
     svc = services()
     first = _read_job(job_id)  # 404 before the stream starts
-    if not svc.watcher.has_room():
+    try:
+        svc.watcher.reserve()
+    except TooManyWaitersError:
         raise TooManyWaitersServiceError(
             "this API process holds as many waiting requests as it may; retry shortly",
             {"retry_after_s": RETRY_AFTER_S},
-        )
+        ) from None
+    released = threading.Lock()
+
+    def release() -> None:
+        if released.acquire(blocking=False):
+            svc.watcher.release()
 
     def stream():
         job, sent_steps, sent_state = first, 0, None
-        while True:
-            steps = job.pop("steps", [])
-            for step in steps[sent_steps:]:
-                yield _sse("step", step)
-            sent_steps = len(steps)
-            if job["state"] != sent_state:
-                sent_state = job["state"]
-                yield _sse("state", job)
-            if job["state"] in FINAL_STATES:
-                yield _sse("end", job)
-                return
-            seen = job_etag({**job, "steps": steps})
-            try:
-                changed = svc.watcher.wait(job_id, seen, 15)
-            except TooManyWaitersError:
-                time.sleep(RETRY_AFTER_S)
-                changed = True
-            if not changed:
-                # A comment line keeps proxies from closing an idle stream and
-                # tells us early when the client has gone.
-                yield ": keepalive\n\n"
-            with transaction(svc.sessions) as s:
-                job = serialize_job(s, get_job(s, job_id))
+        deadline = time.monotonic() + MAX_STREAM_S
+        yield f"retry: {RETRY_AFTER_S * 1000}\n\n"
+        try:
+            while True:
+                steps = job.pop("steps", [])
+                for step in steps[sent_steps:]:
+                    yield _sse("step", step)
+                sent_steps = len(steps)
+                if job["state"] != sent_state:
+                    sent_state = job["state"]
+                    yield _sse("state", job)
+                if job["state"] in FINAL_STATES:
+                    yield _sse("end", job)
+                    return
+                if time.monotonic() > deadline:
+                    return  # the client reconnects and starts over
+                seen = job_etag({**job, "steps": steps})
+                if not svc.watcher.wait(job_id, seen, KEEPALIVE_S, reserved=True):
+                    # A comment line keeps proxies from closing an idle stream and
+                    # tells us early when the client has gone.
+                    yield ": keepalive\n\n"
+                with transaction(svc.sessions) as s:
+                    job = serialize_job(s, get_job(s, job_id))
+        finally:
+            release()
 
-    return Response(
+    response = Response(
         stream(),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+    # Also when the generator never started (the client left at once).
+    response.call_on_close(release)
+    return response
 
 
 def _sse(event: str, data: dict) -> str:
@@ -157,7 +175,7 @@ def index_jobs():
         }
 
 
-@bp.post("/jobs/<int:job_id>/cancel")
+@bp.post("/jobs/<id:job_id>/cancel")
 def post_cancel(job_id: int):
     require("deployer")
     with transaction(services().sessions) as s:

@@ -16,7 +16,7 @@ from service.databases.models import Database
 from service.databases.ops import get_database
 from service.db import iso, utcnow
 from service.errors import ConflictError, InvalidError, NotFoundError
-from service.jobs.models import Job, JobStep
+from service.jobs.models import ACTIVE_STATES, Job, JobStep
 from service.jobs.schemas import JobCreate, JobList
 from service.jobs.targets import check_target
 from service.jobs.watch import progress_key
@@ -25,6 +25,8 @@ from service.principal import Principal
 from service.projects.models import Project
 
 _RELATIVE = re.compile(r"[+-]\d+$")
+# Ids are 64-bit signed in the state database; a larger one cannot exist.
+MAX_ID = 2**63
 
 
 def create_job(
@@ -46,17 +48,20 @@ def create_job(
         # Serialize requests for one database so two of them cannot both miss
         # the pending job (SQLite's BEGIN IMMEDIATE already serializes).
         session.execute(select(Database.id).where(Database.id == db.id).with_for_update())
-        pending = session.scalar(
+        # Only the newest active job of the database: attaching to an older one
+        # would report its outcome while a later job may undo it.
+        newest = session.scalar(
             select(Job)
-            .where(
-                Job.database_id == db.id,
-                Job.state.in_(("queued", "waiting_for_lock")),
-                Job.action == body.action,
-                Job.target == target,
-                Job.bundle_pk == bundle.pk,
-            )
-            .order_by(Job.id)
+            .where(Job.database_id == db.id, Job.state.in_(ACTIVE_STATES))
+            .order_by(Job.id.desc())
             .limit(1)
+        )
+        pending = (
+            newest
+            if newest is not None
+            and newest.state in ("queued", "waiting_for_lock")
+            and (newest.action, newest.target, newest.bundle_pk) == (body.action, target, bundle.pk)
+            else None
         )
         if pending is not None:
             record_event(
@@ -97,7 +102,7 @@ def mark_dispatched(session: Session, job_id: int) -> None:
 
 
 def get_job(session: Session, job_id: int, who: Principal | None = None) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if 0 < job_id < MAX_ID else None
     if job is not None and who is not None and not who.everywhere:
         if not who.sees(session.get(Project, job.project_id).name):
             job = None
@@ -112,9 +117,12 @@ def encode_cursor(value: int) -> str:
 
 def decode_cursor(cursor: str) -> int:
     try:
-        return int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+        value = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
     except (ValueError, UnicodeDecodeError):
-        raise InvalidError("cursor is not one this server gave out", {"field": "cursor"}) from None
+        value = -1
+    if not 0 < value < MAX_ID:
+        raise InvalidError("cursor is not one this server gave out", {"field": "cursor"})
+    return value
 
 
 def list_jobs(

@@ -153,9 +153,12 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             print(f"job {job_id}: migration process failed: {type(exc).__name__}", file=sys.stderr)
             code = 70
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                outbox.flush(timeout=3)  # the job is over: let its webhooks reach the broker
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
 
     lost = threading.Event()
     done = threading.Event()
@@ -314,7 +317,7 @@ def _run_in_child(parent_ctx: JobContext) -> None:
     config = parent_ctx.config
     # Never touch the parent's pooled connections: a new engine for this process.
     sessions = make_sessionmaker(make_engine(config.database_url, pooled=False))
-    outbox.attach(sessions, config)
+    outbox.attach(sessions, config, background=True)
     ctx = JobContext(**{**parent_ctx.__dict__, "sessions": sessions})
     url: URL | None = None
     try:

@@ -55,10 +55,21 @@ class JobWatcher:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def wait(self, job_id: int, seen: str, timeout: float) -> bool:
-        """Block until the job's progress key differs from `seen`; False on timeout."""
+    def reserve(self) -> None:
+        """Take a waiting slot for a long-lived request (an event stream); release() it."""
         if not self._slots.acquire(blocking=False):
             raise TooManyWaitersError
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def wait(self, job_id: int, seen: str, timeout: float, reserved: bool = False) -> bool:
+        """Block until the job's progress key differs from `seen`; False on timeout.
+
+        `reserved`: the caller already holds a slot (see reserve()).
+        """
+        if not reserved:
+            self.reserve()
         waiter = _Waiter(job_id, seen)
         try:
             with self._lock:
@@ -73,14 +84,8 @@ class JobWatcher:
                     waiters.remove(waiter)
                 if not waiters:
                     self._waiters.pop(job_id, None)
-            self._slots.release()
-
-    def has_room(self) -> bool:
-        """Say whether a waiter could register now (a hint: another may take the slot)."""
-        if not self._slots.acquire(blocking=False):
-            return False
-        self._slots.release()
-        return True
+            if not reserved:
+                self._slots.release()
 
     def _ensure_thread(self) -> None:
         # gunicorn forks after import: a thread started in the parent does not

@@ -24,7 +24,7 @@ def index_tokens():
         return {"tokens": [serialize_token(t) for t in list_tokens(s)]}
 
 
-@bp.delete("/tokens/<int:token_id>")
+@bp.delete("/tokens/<id:token_id>")
 def delete_token(token_id: int):
     require("admin", everywhere=True)
     with transaction(services().sessions) as s:

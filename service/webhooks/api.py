@@ -35,14 +35,14 @@ def index_webhooks(name: str):
         return {"webhooks": [serialize_webhook(h, project) for h in list_webhooks(s, project)]}
 
 
-@bp.get("/projects/<name>/webhooks/<int:webhook_id>")
+@bp.get("/projects/<name>/webhooks/<id:webhook_id>")
 def show_webhook(name: str, webhook_id: int):
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())
         return serialize_webhook(get_webhook(s, project, webhook_id), project)
 
 
-@bp.delete("/projects/<name>/webhooks/<int:webhook_id>")
+@bp.delete("/projects/<name>/webhooks/<id:webhook_id>")
 def remove_webhook(name: str, webhook_id: int):
     require("deployer")
     with transaction(services().sessions) as s:
@@ -50,7 +50,7 @@ def remove_webhook(name: str, webhook_id: int):
     return "", 204
 
 
-@bp.get("/projects/<name>/webhooks/<int:webhook_id>/deliveries")
+@bp.get("/projects/<name>/webhooks/<id:webhook_id>/deliveries")
 def index_deliveries(name: str, webhook_id: int):
     params = parse_query(DeliveryList)
     with transaction(services().sessions) as s:

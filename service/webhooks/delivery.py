@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,34 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _opener = urllib.request.build_opener(_NoRedirect)
+
+
+def _post(request: urllib.request.Request, timeout: float) -> tuple[int | None, str | None]:
+    """POST with one deadline for the whole exchange; return (status, error).
+
+    urllib's timeout bounds each socket operation, not the request: a receiver
+    that trickles a byte at a time, or a slow DNS lookup, could hold on for
+    minutes. The exchange runs in a daemon thread that is abandoned at the deadline.
+    """
+    outcome: dict[str, Any] = {"status": None, "error": None}
+
+    def run() -> None:
+        try:
+            with _opener.open(request, timeout=timeout) as resp:
+                status = resp.status
+            outcome.update(status=status, error=None)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            outcome.update(status=exc.code, error=None)
+        except Exception as exc:  # noqa: BLE001 - any network failure is a failed attempt
+            outcome["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"[:500]
+
+    sender = threading.Thread(target=run, name="webhook-post", daemon=True)
+    sender.start()
+    sender.join(timeout)
+    if sender.is_alive():
+        return None, f"no answer within {timeout:g} s"
+    return outcome["status"], outcome["error"]
 
 
 def backoff_s(config: Config, attempts: int) -> float:
@@ -69,17 +98,7 @@ def attempt_delivery(
         },
     )
     started = time.monotonic()
-    status: int | None = None
-    error: str | None = None
-    try:
-        with _opener.open(request, timeout=config.webhook_timeout_s) as resp:
-            status = resp.status
-            resp.read(65536)
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        exc.close()
-    except Exception as exc:  # noqa: BLE001 - any network failure is a failed attempt
-        error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"[:500]
+    status, error = _post(request, config.webhook_timeout_s)
     ok = status is not None and 200 <= status < 300
     if status is not None and not ok:
         error = f"HTTP {status}"
@@ -110,11 +129,12 @@ def _claim(config, sessions, box, delivery_id) -> tuple[int, str, str, bytes, st
             return None  # an early duplicate: the scheduled message will come
         # Move the due time past this attempt's timeout, so the sweeper does not
         # resend it while it is in flight; the conditional update makes the claim ours.
+        attempt = d.attempts + 1
         claimed = s.execute(
             update(WebhookDelivery)
-            .where(WebhookDelivery.id == d.id, WebhookDelivery.attempts == d.attempts)
+            .where(WebhookDelivery.id == d.id, WebhookDelivery.attempts == attempt - 1)
             .values(
-                attempts=d.attempts + 1,
+                attempts=attempt,
                 next_attempt_at=utcnow() + dt.timedelta(seconds=config.webhook_timeout_s + 60),
             )
         ).rowcount
@@ -129,7 +149,7 @@ def _claim(config, sessions, box, delivery_id) -> tuple[int, str, str, bytes, st
             )
             return None
         body = json.dumps(d.payload, separators=(",", ":"), sort_keys=True).encode()
-        return d.attempts + 1, hook.url, box.decrypt(hook.secret_encrypted), body, d.event, d.uid
+        return attempt, hook.url, box.decrypt(hook.secret_encrypted), body, d.event, d.uid
 
 
 def _record(config, sessions, delivery_id, attempt, ok, status, error, ms) -> float | None:
@@ -137,6 +157,8 @@ def _record(config, sessions, delivery_id, attempt, ok, status, error, ms) -> fl
         d = s.scalar(
             select(WebhookDelivery).where(WebhookDelivery.id == delivery_id).with_for_update()
         )
+        if d is None or d.state != "pending" or d.attempts != attempt:
+            return None  # another attempt took over this delivery (a resend raced us)
         entry: dict[str, Any] = {
             "attempt": attempt,
             "at": utcnow().isoformat().replace("+00:00", "Z"),
@@ -171,10 +193,16 @@ def deliveries_to_resend(session: Session, limit: int = 500) -> list[int]:
             .limit(limit)
         )
     )
-    if ids:
-        session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(ids))
-            .values(next_attempt_at=utcnow())
+    if not ids:
+        return []
+    # Only rows still pending and overdue: a worker may have claimed one meanwhile.
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id.in_(ids),
+            WebhookDelivery.state == "pending",
+            WebhookDelivery.next_attempt_at < cutoff,
         )
+        .values(next_attempt_at=utcnow())
+    )
     return ids

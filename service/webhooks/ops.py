@@ -29,8 +29,17 @@ def create_webhook(
     session: Session, project: Project, body: WebhookCreate, box: SecretBox, actor: str
 ) -> tuple[Webhook, str]:
     """Subscribe a URL to a project's job events; return the webhook and its secret."""
-    parts = urlsplit(body.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(body.url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(ch.isspace() or ord(ch) < 32 for ch in body.url)
+    ):
         raise InvalidError(
             "url must be an absolute http:// or https:// URL",
             {"field": "url"},

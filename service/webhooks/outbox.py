@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,8 +24,20 @@ from service.webhooks.ops import OUTBOX
 log = logging.getLogger("retort.webhooks")
 
 
-def attach(sessions: sessionmaker[Session], config: Config, dispatcher: Dispatcher | None = None):
-    """Send committed deliveries from sessions of this factory (once per factory)."""
+_senders: list[threading.Thread] = []
+
+
+def attach(
+    sessions: sessionmaker[Session],
+    config: Config,
+    dispatcher: Dispatcher | None = None,
+    background: bool = False,
+):
+    """Send committed deliveries from sessions of this factory (once per factory).
+
+    `background`: send from a thread, so a slow broker never stalls the caller
+    (a migration holding its target's lock); call flush() before exiting.
+    """
     owner = {"pid": os.getpid(), "dispatcher": dispatcher}
 
     def current() -> Dispatcher:
@@ -37,6 +51,14 @@ def attach(sessions: sessionmaker[Session], config: Config, dispatcher: Dispatch
         ids = session.info.pop(OUTBOX, None)
         if not ids:
             return
+        if background:
+            sender = threading.Thread(target=send, args=(ids,), name="outbox", daemon=True)
+            _senders.append(sender)
+            sender.start()
+        else:
+            send(ids)
+
+    def send(ids: list[int]) -> None:
         try:
             dispatcher = current()
             for delivery_id in ids:
@@ -47,3 +69,11 @@ def attach(sessions: sessionmaker[Session], config: Config, dispatcher: Dispatch
     @event.listens_for(sessions, "after_rollback")
     def _drop(session: Session) -> None:
         session.info.pop(OUTBOX, None)
+
+
+def flush(timeout: float) -> None:
+    """Give background sends up to `timeout` seconds in all to finish (the sweeper has the rest)."""
+    deadline = time.monotonic() + timeout
+    for sender in _senders:
+        sender.join(max(0.0, deadline - time.monotonic()))
+    _senders.clear()

@@ -141,7 +141,9 @@ def test_signed_deliveries_for_started_succeeded_and_failed(retort, new_db):
         assert len(deliveries) == 4  # started, succeeded; started, failed
         for d in deliveries:
             assert d["state"] == "delivered" and d["status_code"] == 204 and d["attempts"] == 1
-            assert d["attempt_log"][0]["status_code"] == 204
+            assert d["attempt_log"] == [
+                {**d["attempt_log"][0], "attempt": 1, "status_code": 204, "error": None}
+            ]
     finally:
         receiver.close()
 
@@ -177,6 +179,8 @@ def test_a_receiver_that_is_down_is_retried_and_never_fails_a_migration(prod, ne
         )
         assert delivered["status_code"] == 200
         codes = [a["status_code"] for a in delivered["attempt_log"]]
+        numbers = [a["attempt"] for a in delivered["attempt_log"]]
+        assert numbers == list(range(1, delivered["attempts"] + 1))
         assert codes[0] is None and 500 in codes and codes[-1] == 200, delivered["attempt_log"]
         # Every attempt carried the same delivery id, for the receiver to drop repeats.
         assert {r["headers"]["Retort-Delivery"] for r in receiver.requests} == {delivered["uid"]}
