@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import importlib.metadata
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +34,7 @@ from service.errors import (
 from service.idempotency import ops as idempotency
 from service.idempotency.ops import check_key
 from service.jobs.watch import JobWatcher
+from service.openapi import DOCS_PAGE, build_spec
 from service.principal import ADMIN, Principal
 from service.queue import Dispatcher
 from service.tokens.ops import authenticate
@@ -88,7 +91,7 @@ def create_app(config: Config | None = None) -> Flask:
     @app.before_request
     def _authenticate():
         g.principal = None
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith("/v1/") or request.path == "/v1/openapi.json":
             return None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -105,6 +108,16 @@ def create_app(config: Config | None = None) -> Flask:
         # Idempotency keys belong to the token that sent them, stored as a digest.
         g.token_digest = hashlib.sha256(token.encode()).hexdigest()
         return None
+
+    spec = build_spec(app, _version())
+
+    @app.get("/v1/openapi.json")
+    def openapi_document():
+        return spec
+
+    @app.get("/docs")
+    def docs_page():
+        return DOCS_PAGE, 200, {"Content-Type": "text/html; charset=utf-8"}
 
     @app.get("/healthz")
     def healthz():
@@ -139,7 +152,9 @@ def create_app(config: Config | None = None) -> Flask:
         )
         body = {"error": {"code": code, "message": exc.description, "details": {}}}
         _audit_refusal(exc.code or 500, code, exc.description or "")
-        return jsonify(body), exc.code
+        # Keep what the exception adds (Allow on a 405), not its HTML body's type.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return jsonify(body), exc.code, headers
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
@@ -148,6 +163,13 @@ def create_app(config: Config | None = None) -> Flask:
         return jsonify(body), 500
 
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("retort")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def services() -> Services:
@@ -245,15 +267,19 @@ def parse_json(model: type[BaseModel]) -> Any:
     data = request.get_json(silent=True)
     if data is None:
         raise InvalidError("the body is not valid JSON", code="invalid_json")
-    return validate(model, data)
+    # Strict JSON types, as the OpenAPI document says: `false` is not a number
+    # and "5" is not an integer. (Query strings stay lax: everything there is text.)
+    return validate(model, json.dumps(data), strict_json=True)
 
 
 def parse_query(model: type[BaseModel]) -> Any:
     return validate(model, request.args.to_dict())
 
 
-def validate(model: type[BaseModel], data: Any) -> Any:
+def validate(model: type[BaseModel], data: Any, strict_json: bool = False) -> Any:
     try:
+        if strict_json:
+            return model.model_validate_json(data, strict=True)
         return model.model_validate(data)
     except ValidationError as exc:
         errors = [

@@ -4,11 +4,12 @@ Exit codes of the pipeline commands (`retort push`, `migrate`, `status`, `wait`,
 
     0  succeeded, or nothing to do
     1  the migration failed (the job failed or was cancelled)
-    2  usage or request error (any other 4xx)
+    2  usage or request error (any other 4xx, a redirect, a token or key that cannot be sent)
     3  refused by a safety check (`multiple_heads`, `revision_changed`,
        `unknown_current_revision`) or waiting for approval
     4  timed out waiting; the job goes on
-    5  cannot reach Retort (connection, DNS, timeout, HTTP 5xx) or authentication failed
+    5  cannot reach Retort (connection, DNS, timeout, HTTP 5xx, an answer that is not
+       Retort's), authentication failed, or an unexpected error in this client
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import http.client
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,12 @@ MAX_LONG_POLL_S = 30
 ATTEMPTS = 3
 BACKOFF_S = 0.5
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+# While waiting on a job, a lost connection (an API restart, say) is retried until
+# the wait's deadline: every second at first, doubling up to this.
+RECONNECT_FIRST_S = 1.0
+RECONNECT_MAX_S = 10.0
+# What the server accepts as an Idempotency-Key: 1-200 visible ASCII characters.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
 
 class ApiError(Exception):
@@ -86,6 +94,20 @@ class Unreachable(Exception):
         return {"error": {"code": self.code, "message": str(self), "details": {}}}
 
 
+class InvalidInput(Exception):
+    """A URL, token or key this client cannot send: nothing was sent (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": str(self), "details": {}}}
+
+
 class PackError(Exception):
     """A scripts directory that cannot become a bundle."""
 
@@ -93,10 +115,12 @@ class PackError(Exception):
 class WaitTimeout(Exception):
     """The wait ended before the job did; `job` is the last state seen."""
 
-    def __init__(self, job: dict[str, Any] | None, timeout: float):
+    def __init__(self, job: dict[str, Any] | None, timeout: float, lost: str | None = None):
         super().__init__(f"timed out after {timeout:g} s")
         self.job = job
         self.timeout = timeout
+        # Why the last requests failed, when the connection was lost at the end.
+        self.lost = lost
 
 
 @dataclass
@@ -104,6 +128,69 @@ class Reply:
     status: int
     body: Any
     headers: dict[str, str]
+
+
+def check_url(url: str) -> str:
+    """Return URL without its trailing slash, or raise InvalidInput if it is no http(s) URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise InvalidInput("invalid_url", f"--url/RETORT_URL {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(
+            "invalid_url",
+            f"--url/RETORT_URL {url!r} is not an http:// or https:// URL "
+            "(e.g. https://retort.internal)",
+        )
+    if not (url.isascii() and _sendable(url)) or " " in url:
+        raise InvalidInput(
+            "invalid_url",
+            f"--url/RETORT_URL {url!r} has a space, control or non-ASCII character "
+            "(write a host in its xn-- form, percent-encode a path)",
+        )
+    return url.rstrip("/")
+
+
+def check_token(token: str | None) -> str | None:
+    """Strip the token (a secret mounted from a file ends with a newline); check it can be sent.
+
+    The token is never echoed: only the position of the character at fault.
+    """
+    token = (token or "").strip()
+    for position, char in enumerate(token, 1):
+        if not _sendable(char):
+            # Anything Latin-1 that cannot be sent is a control character (C0 or C1).
+            kind = "a character outside Latin-1" if ord(char) > 0xFF else "a control character"
+            raise InvalidInput(
+                "invalid_token",
+                f"the token (--token/RETORT_TOKEN) has {kind} at position {position}: "
+                "check how the secret is stored",
+            )
+    return token or None
+
+
+def check_idempotency_key(key: str) -> str:
+    """Return KEY, or raise InvalidInput unless it is 1-200 visible ASCII characters."""
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidInput(
+            "invalid_idempotency_key",
+            f"--idempotency-key {key!r} is not 1 to 200 visible ASCII characters "
+            "(letters, digits, punctuation; no spaces), which is what Retort accepts",
+        )
+    return key
+
+
+def _sendable(text: str) -> bool:
+    """Tell whether TEXT can go in an HTTP request line or header (Latin-1, no controls)."""
+    return all(0x20 <= ord(c) <= 0x7E or 0xA0 <= ord(c) <= 0xFF for c in text)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: a 3xx becomes an HTTPError, and the token goes nowhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+        return None
 
 
 def default_token() -> str | None:
@@ -118,8 +205,14 @@ class RetortClient:
     """JSON over HTTP with bearer auth, error documents and retries of safe requests."""
 
     def __init__(self, url: str, token: str | None):
-        self.base = url.rstrip("/")
-        self.token = token
+        self.base = check_url(url)
+        self.token = check_token(token)
+        # urllib's default opener follows redirects, with the Authorization header,
+        # to any host, and turns a redirected POST into a GET: this one follows none.
+        self.opener = urllib.request.build_opener(_NoRedirect)
+        # Whether Retort has answered this client yet: a wait that has seen it
+        # answer outlasts an outage (a restart); one that never has fails fast.
+        self.answered = False
 
     def request(
         self,
@@ -138,6 +231,30 @@ class RetortClient:
         Only call this for requests that are safe to repeat: GETs, and POSTs that
         carry an Idempotency-Key (the server answers a repeat with the first result).
         """
+        req = self._build(method, path, json_body, data, content_type, query, headers)
+        attempt = 1
+        while True:
+            try:
+                return self._send(req, timeout)
+            except (Unreachable, ApiError) as exc:
+                if not _retryable(exc) or attempt >= ATTEMPTS:
+                    raise
+                pause = BACKOFF_S * 2 ** (attempt - 1)
+                if isinstance(exc, ApiError):
+                    pause = _retry_after(exc.headers) or pause
+            time.sleep(min(pause, 10))
+            attempt += 1
+
+    def _build(
+        self,
+        method: str,
+        path: str,
+        json_body: Any = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        query: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> urllib.request.Request:
         hdrs = {"Accept": "application/json", "User-Agent": "retort-cli", **(headers or {})}
         if json_body is not None:
             data = json.dumps(json_body).encode()
@@ -150,26 +267,27 @@ class RetortClient:
         params = {k: v for k, v in (query or {}).items() if v is not None}
         if params:
             url += "?" + urllib.parse.urlencode(params)
-        req = urllib.request.Request(url, data, hdrs, method=method)
-        attempt = 1
-        while True:
-            try:
-                return self._send(req, timeout)
-            except (Unreachable, ApiError) as exc:
-                retry = isinstance(exc, Unreachable) or exc.status in RETRYABLE_STATUS
-                if not retry or attempt >= ATTEMPTS:
-                    raise
-                pause = BACKOFF_S * 2 ** (attempt - 1)
-                if isinstance(exc, ApiError):
-                    pause = _retry_after(exc.headers) or pause
-            time.sleep(min(pause, 10))
-            attempt += 1
+        for name, value in hdrs.items():
+            # urllib would raise a bare ValueError or UnicodeEncodeError mid-request.
+            if not _sendable(value):
+                raise InvalidInput(
+                    "invalid_header", f"the {name} header has a character HTTP cannot carry"
+                )
+        return urllib.request.Request(url, data, hdrs, method=method)
 
     def _send(self, req: urllib.request.Request, timeout: float) -> Reply:
         """Send once; turn every failure into ApiError or Unreachable."""
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return Reply(resp.status, _decode(resp.read()), dict(resp.headers))
+            with self.opener.open(req, timeout=timeout) as resp:
+                reply = Reply(resp.status, _decode(resp.read()), dict(resp.headers))
+            if not isinstance(reply.body, dict) and reply.status != 204:
+                raise Unreachable(
+                    f"{req.full_url} answered HTTP {reply.status} with "
+                    f"{_describe(reply)}, not Retort's JSON: is --url/RETORT_URL right "
+                    "(a proxy or login page in the way)?"
+                )
+            self.answered = True
+            return reply
         except urllib.error.HTTPError as exc:
             headers = dict(exc.headers or {})
             try:
@@ -177,7 +295,10 @@ class RetortClient:
             except (OSError, http.client.HTTPException):
                 body = None
             if exc.code == 304:  # Not Modified: the answer to If-None-Match, not an error
+                self.answered = True
                 return Reply(304, None, headers)
+            if 300 <= exc.code < 400:
+                raise ApiError(exc.code, self._redirect(req, exc.code, headers), headers) from None
             if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
                 # Not Retort's answer (a proxy's, say): wrap it in the same error shape.
                 message = f"HTTP {exc.code} {exc.reason} from {self.base}"
@@ -189,6 +310,21 @@ class RetortClient:
             raise Unreachable(
                 f"cannot reach Retort at {self.base}: {type(exc).__name__}: {exc}"
             ) from None
+
+    def _redirect(self, req: urllib.request.Request, status: int, headers: dict[str, str]) -> Any:
+        """The error document for a redirect, which is never followed."""
+        location = _header(headers, "Location")
+        if not location:
+            message = f"Retort answered HTTP {status} (a redirect) without a Location"
+            return {"error": {"code": "redirected", "message": message, "details": {}}}
+        location = urllib.parse.urljoin(req.full_url, location)
+        message = f"Retort answered with a redirect to {location}: use that URL in --url/RETORT_URL"
+        # Name the base URL to use when the redirect kept the path (http -> https, say).
+        suffix = req.full_url[len(self.base) :]
+        if suffix and location.endswith(suffix) and len(location) > len(suffix):
+            message += f"; here that is --url {location[: -len(suffix)]}"
+        details = {"status": status, "location": location}
+        return {"error": {"code": "redirected", "message": message, "details": details}}
 
     def get(self, path: str, **query: Any) -> Any:
         """GET a JSON document; None-valued query parameters are left out."""
@@ -217,26 +353,42 @@ class RetortClient:
 
         The key makes a retried POST return the same job instead of a second one.
         """
+        check_idempotency_key(idempotency_key)
         reply = self.request(
             "POST", "/v1/jobs", json_body=body, headers={"Idempotency-Key": idempotency_key}
         )
         return reply.body, _replayed(reply)
 
-    def watch_job(self, job_id: int, timeout: float | None) -> Iterator[dict[str, Any]]:
+    def watch_job(
+        self,
+        job_id: int,
+        timeout: float | None,
+        notify: Callable[[str], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
         """Yield the job each time it changes, until it is final; raise WaitTimeout.
 
         Long-polls `GET /v1/jobs/{id}?wait=W` with the last ETag as If-None-Match,
         so the server answers as soon as something changes and nothing is missed.
         An answer that brings no change (an older server ignores `wait`, a busy one
         sets Retry-After) is followed by a pause: this never loops tightly.
+
+        Once Retort has answered, a lost connection or a 502/503/504 (an API
+        restart, a proxy in between) is retried until the deadline, or forever
+        without one: every second at first, doubling up to RECONNECT_MAX_S, or as
+        Retry-After says. `notify` hears one line when the connection is lost and
+        one when it is back. Before Retort has answered at all, the usual bounded
+        retries apply: a wrong URL fails at once instead of waiting.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         etag: str | None = None
         last: dict[str, Any] | None = None
+        lost_at: float | None = None  # when the connection was lost, while it is
+        lost_reason = ""
+        backoff = RECONNECT_FIRST_S
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(last, timeout or 0)
+                raise WaitTimeout(last, timeout or 0, lost_reason if lost_at else None)
             query: dict[str, Any] = {}
             headers: dict[str, str] = {}
             wait = 0.0
@@ -246,10 +398,42 @@ class RetortClient:
                 query["wait"] = wait
                 if etag:
                     headers["If-None-Match"] = etag
+            # Give up on a silent server soon after the deadline, not 30 s later.
+            limit_s = wait + 30 if remaining is None else min(wait + 30, remaining + 5)
+            path = f"/v1/jobs/{job_id}"
             started = time.monotonic()
-            reply = self.request(
-                "GET", f"/v1/jobs/{job_id}", query=query, headers=headers, timeout=wait + 30
-            )
+            try:
+                if not self.answered:
+                    reply = self.request("GET", path, query=query, headers=headers, timeout=limit_s)
+                else:
+                    req = self._build("GET", path, query=query, headers=headers)
+                    reply = self._send(req, limit_s)
+            except (Unreachable, ApiError) as exc:
+                if not (self.answered and _retryable(exc)):
+                    raise
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    backoff = RECONNECT_FIRST_S
+                    if notify:
+                        until = "until the timeout" if deadline is not None else "until it answers"
+                        notify(f"lost the connection to Retort ({exc}); retrying {until}")
+                lost_reason = str(exc)
+                pause = backoff
+                if isinstance(exc, ApiError):
+                    pause = min(_retry_after(exc.headers) or pause, MAX_LONG_POLL_S)
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
+                if deadline is not None:
+                    pause = min(pause, deadline - time.monotonic())
+                if pause > 0:
+                    time.sleep(pause)
+                continue
+            if lost_at is not None:
+                if notify:
+                    notify(
+                        f"connection to Retort back after {time.monotonic() - lost_at:.0f} s; "
+                        f"still waiting for job {job_id}"
+                    )
+                lost_at = None
             new_etag = _header(reply.headers, "ETag")
             changed = reply.status != 304 and (
                 reply.body != last if not (new_etag and etag) else new_etag != etag
@@ -338,6 +522,29 @@ def _walk(root: Path) -> Iterator[str]:
 def segment(name: str) -> str:
     """Quote a name for use as one path segment of a URL."""
     return urllib.parse.quote(name, safe="")
+
+
+def _retryable(exc: Exception) -> bool:
+    """Connection errors and 502/503/504: what a restart or a proxy in between gives."""
+    return isinstance(exc, Unreachable) or (
+        isinstance(exc, ApiError) and exc.status in RETRYABLE_STATUS
+    )
+
+
+def _describe(reply: Reply) -> str:
+    """Name an answer that is not a JSON object, for an error message."""
+    if reply.body is None:
+        return "an empty body"
+    kind = _header(reply.headers, "Content-Type") or "no Content-Type"
+    if isinstance(reply.body, str):
+        what = "an HTML page" if "html" in kind.lower() else "a body"
+        return f"{what} ({kind}: {_snippet(reply.body)!r})"
+    return f"JSON that is not an object ({_snippet(json.dumps(reply.body))})"
+
+
+def _snippet(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _decode(data: bytes) -> Any:

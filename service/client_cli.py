@@ -27,13 +27,16 @@ from service.client import (
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     FINAL_STATES,
     ApiError,
+    InvalidInput,
     PackError,
     RetortClient,
     Unreachable,
     WaitTimeout,
+    check_idempotency_key,
     default_token,
     job_exit_code,
     pack_scripts,
@@ -45,10 +48,10 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0  succeeded, or nothing to do
   1  the migration failed (job failed or cancelled)
-  2  usage or request error
+  2  usage or request error (also a redirect: use its URL)
   3  refused by a safety check, or waiting for approval
   4  timed out waiting (the job goes on)
-  5  cannot reach Retort, or authentication failed"""
+  5  cannot reach Retort, authentication failed, or an unexpected error"""
 
 
 @dataclass
@@ -78,12 +81,14 @@ def api_command(group: click.Group, name: str) -> Callable[[Callable[..., int]],
                 # A non-UTF-8 terminal must not turn an arrow into a traceback.
                 if hasattr(stream, "reconfigure"):
                     stream.reconfigure(errors="replace")
-            cli = Cli(RetortClient(url, token or default_token()), as_json)
             try:
+                # A token read from a file (a Kubernetes secret) often ends with a newline.
+                token = (token or "").strip() or default_token()
+                cli = Cli(RetortClient(url, token), as_json)
                 code = func(cli, **kwargs)
-            except (ApiError, Unreachable) as exc:
+            except (ApiError, Unreachable, InvalidInput) as exc:
                 if as_json:
-                    cli.document(exc.document)
+                    click.echo(json.dumps(exc.document, indent=2))
                 else:
                     auth = isinstance(exc, ApiError) and exc.status in (401, 403)
                     hint = "; set RETORT_TOKEN or --token" if auth else ""
@@ -95,6 +100,18 @@ def api_command(group: click.Group, name: str) -> Callable[[Callable[..., int]],
             except KeyboardInterrupt:
                 click.echo("\ninterrupted; a job already requested goes on", err=True)
                 code = 130  # the shell's convention for SIGINT
+            except (click.ClickException, click.exceptions.Exit, click.Abort):
+                raise  # click's own: usage errors print the usage and exit 2
+            except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback
+                # Never 1, which tells the pipeline the migration failed: nothing
+                # here says so. 5 is "could not get a usable answer from Retort".
+                message = f"unexpected {type(exc).__name__}: {exc}"
+                if as_json:
+                    doc = {"error": {"code": "unexpected", "message": message, "details": {}}}
+                    click.echo(json.dumps(doc, indent=2))
+                else:
+                    click.echo(f"error: {message}", err=True)
+                code = EXIT_UNAVAILABLE
             raise click.exceptions.Exit(code)
 
         command = group.command(name, epilog=EXIT_CODES_HELP)(run)
@@ -181,6 +198,8 @@ def register(main: click.Group) -> None:
             raise click.UsageError("give --bundle or --scripts, not both")
         if project and not scripts:
             raise click.UsageError("--project goes with --scripts")
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)  # before anything is pushed
         if scripts:
             if not project:
                 # Only the project name is needed: skip the live read of the target.
@@ -436,19 +455,24 @@ def _wait(cli: Cli, job_id: int, timeout: float | None) -> int:
     printer = JobPrinter(job_id, live=sys.stdout.isatty() and not cli.as_json, quiet=cli.as_json)
     job: dict[str, Any] | None = None
     try:
-        for job in cli.api.watch_job(job_id, timeout):
+        for job in cli.api.watch_job(job_id, timeout, notify=printer.notice):
             printer.update(job)
     except WaitTimeout as exc:
         printer.stop()
         job = exc.job or job
         state = job["state"] if job else "unknown"
-        if cli.as_json and job:
-            cli.document(job)
-        click.echo(
-            f"timed out after {exc.timeout:g} s waiting for job {job_id} (still {state}); "
-            f"the job goes on — `retort wait {job_id}` to keep waiting",
-            err=True,
+        lost = f"; Retort unreachable at the end: {exc.lost}" if exc.lost else ""
+        message = (
+            f"timed out after {exc.timeout:g} s waiting for job {job_id} (still {state}{lost}); "
+            f"the job goes on — `retort wait {job_id}` to keep waiting"
         )
+        if cli.as_json:
+            # Stdout holds one document: the job as last seen, else the reason.
+            details = {"job": job_id}
+            cli.document(
+                job or {"error": {"code": "timeout", "message": message, "details": details}}
+            )
+        click.echo(message, err=True)
         # A job held for approval is a refusal for the pipeline, whatever the clock says.
         return EXIT_REFUSED if state == "waiting_for_approval" else EXIT_TIMEOUT
     finally:
@@ -511,6 +535,14 @@ class JobPrinter:
         else:
             click.echo(f"job {job['id']} {job['state']}")
             _show_error(job.get("error"))
+
+    def notice(self, text: str) -> None:
+        """Print a line about the wait itself (a lost connection) on stderr, in every mode."""
+        with self.lock:
+            if self.live:
+                sys.stdout.write("\r\x1b[K")
+                sys.stdout.flush()
+            click.echo(text, err=True)
 
     def stop(self) -> None:
         """End the live line, leaving the terminal clean."""

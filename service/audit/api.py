@@ -1,25 +1,17 @@
 from flask import Blueprint
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.app import parse_query, principal, require, services
 from service.audit.ops import list_events, serialize_event, verify_chain
+from service.audit.schemas import AuditList, AuditPage, AuditVerifyOut
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
+from service.openapi import operation
 
 bp = Blueprint("audit", __name__)
 
 
-class AuditList(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    database: str | None = None
-    project: str | None = None
-    job: int | None = None
-    limit: int = Field(default=100, ge=1, le=1000)
-    cursor: str | None = None
-
-
 @bp.get("/audit")
+@operation("List audit events, newest first", query=AuditList, responses={200: AuditPage})
 def index_audit():
     params = parse_query(AuditList)
     with transaction(services().sessions) as s:
@@ -39,6 +31,7 @@ def index_audit():
 
 
 @bp.get("/audit/verify")
+@operation("Recompute the hash chain of the whole audit log", responses={200: AuditVerifyOut})
 def verify_audit():
     # The chain spans every project: verifying it is for tokens that see them all.
     require("viewer", everywhere=True)

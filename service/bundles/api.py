@@ -3,8 +3,10 @@ from flask import Blueprint, request
 from service.app import actor, idempotent, principal, require, services
 from service.bundles.archive import Limits, parse_bundle
 from service.bundles.ops import get_bundle, serialize_bundle, store_bundle
+from service.bundles.schemas import BundleOut
 from service.db import transaction
 from service.errors import UnsupportedMediaTypeError
+from service.openapi import operation
 from service.projects.ops import get_project
 
 bp = Blueprint("bundles", __name__)
@@ -18,6 +20,12 @@ GZIP_TYPES = {
 
 
 @bp.post("/projects/<name>/bundles")
+@operation(
+    "Upload a bundle of revision scripts (.tar.gz)",
+    role="deployer",
+    raw_body="application/gzip",
+    responses={201: BundleOut, 200: BundleOut},
+)
 def post_bundle(name: str):
     require("deployer")
     config = services().config
@@ -54,6 +62,9 @@ def post_bundle(name: str):
 
 
 @bp.get("/projects/<name>/bundles/<ref>")
+@operation(
+    "Show a bundle and its revision graph (`ref`: id, prefix or latest)", responses={200: BundleOut}
+)
 def show_bundle(name: str, ref: str):
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())

@@ -1,15 +1,25 @@
-from flask import Blueprint, request
+from flask import Blueprint
 
-from service.app import actor, parse_json, principal, require, services
+from service.app import actor, parse_json, parse_query, principal, require, services
 from service.databases.ops import create_database, get_database, list_databases, serialize_database
-from service.databases.schemas import DatabaseCreate
+from service.databases.schemas import (
+    DatabaseCreate,
+    DatabaseList,
+    DatabaseOut,
+    DatabasePage,
+    DatabaseShow,
+)
 from service.db import transaction
+from service.openapi import operation
 from service.projects.models import Project
 
 bp = Blueprint("databases", __name__)
 
 
 @bp.post("/databases")
+@operation(
+    "Register a target database", role="admin", body=DatabaseCreate, responses={201: DatabaseOut}
+)
 def post_database():
     require("admin")
     body = parse_json(DatabaseCreate)
@@ -19,18 +29,23 @@ def post_database():
 
 
 @bp.get("/databases")
+@operation("List databases", query=DatabaseList, responses={200: DatabasePage})
 def index_databases():
-    project = request.args.get("project")
-    tag = request.args.get("tag")
+    params = parse_query(DatabaseList)
     with transaction(services().sessions) as s:
-        rows = list_databases(s, project, tag, principal())
+        rows = list_databases(s, params.project, params.tag, principal())
         return {"databases": [serialize_database(s, d, p, box=None) for d, p in rows]}
 
 
 @bp.get("/databases/<name>")
+@operation(
+    "Show a database with its live current revisions and what is pending",
+    query=DatabaseShow,
+    responses={200: DatabaseOut},
+)
 def show_database(name: str):
     """Show a database; `?live=false` skips reading its current heads from the target."""
-    live = request.args.get("live", "true").lower() not in ("0", "false", "no")
+    live = parse_query(DatabaseShow).live
     with transaction(services().sessions) as s:
         db = get_database(s, name, principal())
         project = s.get(Project, db.project_id)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.projects.schemas import Name
+from service.projects.schemas import Name, Out
 
 
 class DatabaseCreate(BaseModel):
@@ -12,3 +12,44 @@ class DatabaseCreate(BaseModel):
     project: Name
     url: str = Field(min_length=1, max_length=2000)
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class DatabaseLock(Out):
+    fencing_token: int
+    held_by_job: int | None
+
+
+class DatabaseOut(Out):
+    name: str
+    project: str
+    dialect: str
+    url: str
+    tags: dict[str, str]
+    created_at: str
+    # Only on `GET /v1/databases/{name}` (unless ?live=false): read from the target.
+    current: list[str] | None = None
+    current_error: str | None = None
+    head: list[str] | None = None
+    bundle: str | None = None
+    pending: list[str] | None = None
+    unknown_current: list[str] | None = None
+    lock: DatabaseLock | None = None
+
+
+class DatabasePage(Out):
+    databases: list[DatabaseOut]
+
+
+class DatabaseList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str | None = None
+    # `key` or `key=value`
+    tag: str | None = None
+
+
+class DatabaseShow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # false: do not connect to the target (no current/pending)
+    live: bool = True

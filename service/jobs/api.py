@@ -19,8 +19,17 @@ from service.jobs.ops import (
     mark_dispatched,
     serialize_job,
 )
-from service.jobs.schemas import HistoryList, JobCreate, JobList, JobShow
+from service.jobs.schemas import (
+    HistoryList,
+    HistoryPage,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobPage,
+    JobShow,
+)
 from service.jobs.watch import TooManyWaitersError
+from service.openapi import operation
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger("retort.api")
@@ -39,6 +48,12 @@ class TooManyWaitersServiceError(ServiceError):
 
 
 @bp.post("/jobs")
+@operation(
+    "Request a migration (upgrade, downgrade, stamp)",
+    role="deployer",
+    body=JobCreate,
+    responses={202: JobOut},
+)
 def post_job():
     require("deployer")
     body = parse_json(JobCreate)
@@ -69,6 +84,9 @@ def post_job():
 
 
 @bp.get("/jobs/<id:job_id>")
+@operation(
+    "Show a job; `wait` holds the request until it changes", query=JobShow, responses={200: JobOut}
+)
 def show_job(job_id: int):
     """Show a job; with `?wait=S`, first hold the request until it changes (long poll).
 
@@ -98,6 +116,9 @@ def _read_job(job_id: int) -> dict:
 
 
 @bp.get("/jobs/<id:job_id>/events")
+@operation(
+    "Stream a job's states and steps (Server-Sent Events)", responses={200: "text/event-stream"}
+)
 def job_events(job_id: int):
     """Stream a job's state changes and steps as Server-Sent Events until it ends.
 
@@ -165,6 +186,7 @@ def _sse(event: str, data: dict) -> str:
 
 
 @bp.get("/jobs")
+@operation("List jobs, newest first", query=JobList, responses={200: JobPage})
 def index_jobs():
     params = parse_query(JobList)
     with transaction(services().sessions) as s:
@@ -176,6 +198,7 @@ def index_jobs():
 
 
 @bp.post("/jobs/<id:job_id>/cancel")
+@operation("Cancel a queued or waiting job", role="deployer", responses={200: JobOut})
 def post_cancel(job_id: int):
     require("deployer")
     with transaction(services().sessions) as s:
@@ -183,6 +206,9 @@ def post_cancel(job_id: int):
 
 
 @bp.get("/databases/<name>/history")
+@operation(
+    "What was applied to a database, newest first", query=HistoryList, responses={200: HistoryPage}
+)
 def database_history(name: str):
     params = parse_query(HistoryList)
     with transaction(services().sessions) as s:

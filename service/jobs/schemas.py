@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.projects.schemas import Name
+from service.projects.schemas import Name, Out
 
 
 class JobCreate(BaseModel):
@@ -41,3 +41,78 @@ class JobList(BaseModel):
     ) = None
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
+
+
+class JobError(BaseModel):
+    """Why a job failed: `code` and `message` always, more where known (revision, statement)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+    revision: str | None = None
+    statement: str | None = None
+
+
+class JobLock(Out):
+    fencing_token: int | None
+    waited_ms: int | None
+    held_by_job: int | None = None
+
+
+class StepOut(Out):
+    revisions: list[str]
+    direction: str
+    state: str
+    message: str | None
+    started_at: str | None
+    finished_at: str | None
+    duration_ms: float
+    sql: list[str]
+    sha256: str | None
+    fencing_token: int
+
+
+class JobOut(Out):
+    id: int
+    database: str
+    project: str
+    bundle: str
+    action: str
+    target: str
+    state: str
+    from_heads: list[str] | None
+    to_heads: list[str] | None
+    error: JobError | None
+    lock: JobLock
+    requested_by: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    steps: list[StepOut] | None = None
+    # On `POST /v1/jobs`: the id of the pending job this request attached to, if any.
+    coalesced_into: int | None = None
+
+
+class JobPage(Out):
+    jobs: list[JobOut]
+    next_cursor: str | None
+
+
+class HistoryEntry(Out):
+    job: int
+    action: str
+    direction: str
+    revisions: list[str]
+    message: str | None
+    state: str
+    applied_at: str | None
+    duration_ms: float
+    requested_by: str
+    fencing_token: int
+    sha256: str | None
+
+
+class HistoryPage(Out):
+    history: list[HistoryEntry]
+    next_cursor: str | None

@@ -25,3 +25,19 @@ class ProjectCreate(BaseModel):
 
     name: Name
     settings: ProjectSettings = ProjectSettings()
+
+
+class Out(BaseModel):
+    """Base of response documents: the OpenAPI contract forbids fields it does not name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectOut(Out):
+    name: str
+    settings: ProjectSettings
+    created_at: str
+
+
+class ProjectPage(Out):
+    projects: list[ProjectOut]

@@ -2,13 +2,17 @@ from flask import Blueprint
 
 from service.app import actor, parse_json, require, services
 from service.db import transaction
+from service.openapi import operation
 from service.tokens.ops import create_token, list_tokens, revoke_token, serialize_token
-from service.tokens.schemas import TokenCreate
+from service.tokens.schemas import TokenCreate, TokenOut, TokenPage
 
 bp = Blueprint("tokens", __name__)
 
 
 @bp.post("/tokens")
+@operation(
+    "Create an API token (shown once)", role="admin", body=TokenCreate, responses={201: TokenOut}
+)
 def post_token():
     require("admin", everywhere=True)
     body = parse_json(TokenCreate)
@@ -18,6 +22,7 @@ def post_token():
 
 
 @bp.get("/tokens")
+@operation("List API tokens (never their secrets)", role="admin", responses={200: TokenPage})
 def index_tokens():
     require("admin", everywhere=True)
     with transaction(services().sessions) as s:
@@ -25,6 +30,7 @@ def index_tokens():
 
 
 @bp.delete("/tokens/<id:token_id>")
+@operation("Revoke an API token", role="admin", responses={204: None})
 def delete_token(token_id: int):
     require("admin", everywhere=True)
     with transaction(services().sessions) as s:

@@ -3,6 +3,7 @@ from flask import Blueprint
 from service.app import actor, parse_json, parse_query, principal, require, services
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
+from service.openapi import operation
 from service.projects.ops import get_project
 from service.webhooks.ops import (
     create_webhook,
@@ -13,12 +14,24 @@ from service.webhooks.ops import (
     serialize_delivery,
     serialize_webhook,
 )
-from service.webhooks.schemas import DeliveryList, WebhookCreate
+from service.webhooks.schemas import (
+    DeliveryList,
+    DeliveryPage,
+    WebhookCreate,
+    WebhookOut,
+    WebhookPage,
+)
 
 bp = Blueprint("webhooks", __name__)
 
 
 @bp.post("/projects/<name>/webhooks")
+@operation(
+    "Subscribe a URL to a project's job events",
+    role="deployer",
+    body=WebhookCreate,
+    responses={201: WebhookOut},
+)
 def post_webhook(name: str):
     require("deployer")
     body = parse_json(WebhookCreate)
@@ -29,6 +42,7 @@ def post_webhook(name: str):
 
 
 @bp.get("/projects/<name>/webhooks")
+@operation("List a project's webhooks", responses={200: WebhookPage})
 def index_webhooks(name: str):
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())
@@ -36,6 +50,7 @@ def index_webhooks(name: str):
 
 
 @bp.get("/projects/<name>/webhooks/<id:webhook_id>")
+@operation("Show a webhook", responses={200: WebhookOut})
 def show_webhook(name: str, webhook_id: int):
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())
@@ -43,6 +58,9 @@ def show_webhook(name: str, webhook_id: int):
 
 
 @bp.delete("/projects/<name>/webhooks/<id:webhook_id>")
+@operation(
+    "Delete a webhook (its deliveries stay on record)", role="deployer", responses={204: None}
+)
 def remove_webhook(name: str, webhook_id: int):
     require("deployer")
     with transaction(services().sessions) as s:
@@ -51,6 +69,9 @@ def remove_webhook(name: str, webhook_id: int):
 
 
 @bp.get("/projects/<name>/webhooks/<id:webhook_id>/deliveries")
+@operation(
+    "List a webhook's deliveries, newest first", query=DeliveryList, responses={200: DeliveryPage}
+)
 def index_deliveries(name: str, webhook_id: int):
     params = parse_query(DeliveryList)
     with transaction(services().sessions) as s:

@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.projects.schemas import Out
+
 # Job events a project can subscribe to (the audit actions of the same name).
 EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled", "job.waiting_for_approval")
 Event = Literal[
@@ -14,7 +16,7 @@ Event = Literal[
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(min_length=1, max_length=2000)
+    url: str = Field(min_length=1, max_length=2000, pattern=r"^https?://[^\s/?#@]+[^\s]*$")
     events: list[Event] = Field(min_length=1)
     # Without one, Retort makes one and shows it once, in the creation response.
     secret: str | None = Field(default=None, min_length=16, max_length=200)
@@ -25,3 +27,46 @@ class DeliveryList(BaseModel):
 
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
+
+
+class WebhookOut(Out):
+    id: int
+    project: str
+    url: str
+    events: list[str]
+    created_by: str
+    created_at: str
+    # Only in the answer to its creation.
+    secret: str | None = None
+
+
+class WebhookPage(Out):
+    webhooks: list[WebhookOut]
+
+
+class AttemptOut(Out):
+    attempt: int
+    at: str
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+
+
+class DeliveryOut(Out):
+    id: int
+    uid: str
+    event: str
+    job: int | None
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    status_code: int | None
+    error: str | None
+    next_attempt_at: str | None
+    created_at: str
+    delivered_at: str | None
+    attempt_log: list[AttemptOut]
+
+
+class DeliveryPage(Out):
+    deliveries: list[DeliveryOut]
+    next_cursor: str | None

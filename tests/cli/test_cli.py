@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.helpers import (
@@ -34,13 +39,9 @@ def cli(
     timeout: float = 90,
 ) -> subprocess.CompletedProcess:
     """Run `retort ARGS` with RETORT_URL/RETORT_TOKEN pointing at `server`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RETORT_")}
-    env["RETORT_URL"] = url or f"http://127.0.0.1:{server.port}"
-    if token:
-        env["RETORT_TOKEN"] = server.token if token == "default" else token
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
-        env=env,
+        env=cli_env(server, token, url),
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -48,6 +49,14 @@ def cli(
     )
     assert "Traceback" not in out.stderr + out.stdout, out.stderr
     return out
+
+
+def cli_env(server, token: str | None = "default", url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETORT_")}
+    env["RETORT_URL"] = url or f"http://127.0.0.1:{server.port}"
+    if token:
+        env["RETORT_TOKEN"] = server.token if token == "default" else token
+    return env
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
@@ -325,3 +334,310 @@ def test_token_create_list_revoke(prod, new_db):
     assert out.returncode == 5 and "revoked" in out.stderr, out.stderr
     out = cli(prod, "token", "create", unique("x"), "--role", "viewer")
     assert out.returncode == 2 and "--all-projects" in out.stderr
+
+
+# ---------------------------------------------------------------- hostile surroundings
+
+
+class FakeServer:
+    """An HTTP server in the test process that answers with `answer` and records requests."""
+
+    def __init__(self, answer: Callable[[str, str], tuple[int, dict[str, str], bytes]]):
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def handle_one(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.requests.append((self.command, self.path, dict(self.headers)))
+                status, headers, body = answer(self.command, self.path)
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_DELETE = handle_one
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> FakeServer:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class TcpProxy:
+    """Forward a port to Retort's; stop() cuts every connection and refuses new ones
+    (an API restart, as the client sees it) until start() listens on the same port again."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        self.lock = threading.Lock()
+        self.sockets: set[socket.socket] = set()
+        self.listening: threading.Event | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self.listening = threading.Event()
+        self.listening.set()
+        self.thread = threading.Thread(
+            target=self._accept, args=(listener, self.listening), daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.listening:
+            self.listening.clear()
+            self.thread.join()  # the accept loop closes its listener: connections are refused
+            self.listening = None
+        with self.lock:
+            open_sockets, self.sockets = self.sockets, set()
+        for sock in open_sockets:
+            _close(sock)
+
+    def _accept(self, listener: socket.socket, listening: threading.Event) -> None:
+        with listener:
+            while listening.is_set():
+                try:
+                    client, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                client.settimeout(None)
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                with self.lock:
+                    self.connections += 1
+                    self.sockets |= {client, upstream}
+                for src, dst in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        _close(src)
+        _close(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_token_with_a_trailing_newline_works(prod, tmp_path):
+    # A Kubernetes secret mounted from a file, or `$(cat token)` in a heredoc.
+    for token in (prod.token + "\n", f"  {prod.token}\r\n"):
+        out = cli(prod, "jobs", "--limit", "1", "--json", token=token, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert isinstance(json.loads(out.stdout)["jobs"], list)
+    out = cli(prod, "jobs", "--limit", "1", "--token", prod.token + "\n", token=None, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+    # One that cannot go in a header at all is a usage error, and it is never echoed.
+    broken = prod.token[:4] + "\n" + prod.token[4:]
+    out = cli(prod, "jobs", token=broken, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "token (--token/RETORT_TOKEN) has a control character at position 5" in out.stderr
+    assert prod.token[4:] not in out.stderr + out.stdout
+    out = cli(prod, "jobs", "--json", token="jeton—secret", cwd=tmp_path)
+    assert out.returncode == 2
+    assert json.loads(out.stdout)["error"]["code"] == "invalid_token"
+
+
+def test_an_idempotency_key_retort_would_refuse_exits_2_before_anything_is_sent(
+    prod, new_db, tmp_path
+):
+    project, _ = setup_project(prod.client, chain_bundle(1))
+    db = register_db(prod.client, project, new_db("sqlite"))
+    scripts = write(tmp_path / "alembic", {"env.py": "", **chain_bundle(2)})
+    for key in ("déploiement—1", "two words", "k" * 201, ""):
+        out = cli(prod, "migrate", db, "--scripts", str(scripts), "--idempotency-key", key)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.startswith(f"error: --idempotency-key {key!r} is not 1 to 200 visible")
+    out = cli(prod, "migrate", db, "--idempotency-key", "clé", "--json")
+    assert out.returncode == 2
+    assert json.loads(out.stdout)["error"]["code"] == "invalid_idempotency_key"
+    # Nothing was pushed, nothing queued.
+    latest = prod.client.get(f"/v1/projects/{project}/bundles/latest").body
+    assert [r["id"] for r in latest["revisions"]] == ["t001"]
+    assert prod.client.get(f"/v1/jobs?database={db}").body["jobs"] == []
+    # The longest key Retort accepts goes through.
+    out = cli(prod, "migrate", db, "--idempotency-key", "k" * 200, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["database"] == db
+
+
+def test_a_redirect_is_not_followed_and_the_token_goes_nowhere(prod, new_db):
+    project, _ = setup_project(prod.client, chain_bundle(1))
+    db = register_db(prod.client, project, new_db("sqlite"))
+    # The redirect points at Retort itself, through a proxy that counts connections.
+    target = TcpProxy(prod.port)
+    target.start()
+    try:
+        with FakeServer(lambda method, path: (301, {"Location": target.url + path}, b"")) as moved:
+            # The case of the report: an http -> https redirect of POST /v1/jobs.
+            out = cli(prod, "migrate", db, "--wait", url=moved.url)
+            assert out.returncode == 2, out.stdout + out.stderr
+            assert out.stderr.strip() == (
+                f"error: Retort answered with a redirect to {target.url}/v1/jobs: use that URL "
+                f"in --url/RETORT_URL; here that is --url {target.url} (redirected)"
+            )
+            out = cli(prod, "jobs", "--json", url=moved.url)
+            assert out.returncode == 2
+            error = json.loads(out.stdout)["error"]
+            assert error["code"] == "redirected"
+            assert error["details"] == {"status": 301, "location": f"{target.url}/v1/jobs?limit=20"}
+        # Each request was sent once, to the configured URL only: a redirect is not retried.
+        assert [(m, p) for m, p, _ in moved.requests] == [
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/jobs?limit=20"),
+        ]
+        assert moved.requests[0][2]["Authorization"] == f"Bearer {prod.token}"
+        assert target.connections == 0  # the redirect's target never heard of the token
+    finally:
+        target.stop()
+    assert prod.client.get(f"/v1/jobs?database={db}").body["jobs"] == []
+
+
+def test_an_answer_that_is_not_retorts_exits_5(prod, tmp_path):
+    def answer(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+        if path.startswith("/v1/jobs"):  # a proxy's sign-in page
+            return 200, {"Content-Type": "text/html"}, b"<html><body>Sign in</body></html>"
+        return 200, {"Content-Type": "application/json"}, b'{"service": "something else"}'
+
+    with FakeServer(answer) as fake:
+        out = cli(prod, "jobs", url=fake.url)
+        assert out.returncode == 5, out.stdout + out.stderr
+        assert f"{fake.url}/v1/jobs?limit=20 answered HTTP 200 with an HTML page" in out.stderr
+        assert "Sign in" in out.stderr and "is --url/RETORT_URL right" in out.stderr
+        doc = json.loads(cli(prod, "jobs", "--json", url=fake.url).stdout)
+        assert doc["error"]["code"] == "unreachable"
+
+        # JSON, but not Retort's: the last resort says so in one line, exit 5 (never 1).
+        out = cli(prod, "current", "billing", url=fake.url)
+        assert out.returncode == 5
+        assert out.stderr == "error: unexpected KeyError: 'name'\n"
+        scripts = versions_only(tmp_path / "revs", chain_bundle(1))
+        out = cli(prod, "migrate", "billing", "--scripts", str(scripts), "--json", url=fake.url)
+        assert out.returncode == 5
+        assert json.loads(out.stdout)["error"] == {
+            "code": "unexpected",
+            "message": "unexpected KeyError: 'project'",
+            "details": {},
+        }
+
+
+def test_wait_outlasts_an_api_restart(prod, new_db):
+    c = prod.client
+    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(5)")}
+    project, _ = setup_project(c, slow)
+    db = register_db(c, project, new_db("sqlite"))
+    proxy = TcpProxy(prod.port)
+    proxy.start()
+    proc = None
+    try:
+        job = c.post("/v1/jobs", {"database": db, "target": "head"}).body
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "wait", str(job["id"]), "--timeout", "8"],
+            env=cli_env(prod, url=proxy.url),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # A second connection is the long poll: Retort has answered the first.
+        wait_until(lambda: proxy.connections >= 2)
+        proxy.stop()  # the API goes away mid-poll...
+        time.sleep(2.5)
+        assert proc.poll() is None, proc.communicate()
+        proxy.start()  # ...and comes back on the same address
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proxy.stop()
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    print("DEBUG-ERR", repr(err), "DEBUG-OUT", repr(out))
+    assert "Traceback" not in err
+    assert "applied s1" in out and f"job {job['id']} succeeded" in out
+    assert c.get(f"/v1/jobs/{job['id']}").body["state"] == "succeeded"
+    lines = err.splitlines()
+    assert len(lines) == 2, err  # one line when it is lost, one when it is back
+    assert lines[0].startswith(f"lost the connection to Retort (cannot reach Retort at {proxy.url}")
+    assert lines[0].endswith("; retrying until the timeout")
+    assert lines[1].startswith("connection to Retort back after ")
+    assert lines[1].endswith(f" s; still waiting for job {job['id']}")
+
+
+def test_wait_times_out_with_4_when_retort_stays_away(prod, new_db):
+    c = prod.client
+    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(6)")}
+    project, _ = setup_project(c, slow)
+    db = register_db(c, project, new_db("sqlite"))
+    proxy = TcpProxy(prod.port)
+    proxy.start()
+    proc = None
+    try:
+        job = c.post("/v1/jobs", {"database": db, "target": "head"}).body
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "wait", str(job["id"]), "--timeout", "3"],
+            env=cli_env(prod, url=proxy.url),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: proxy.connections >= 2)
+        proxy.stop()  # for good
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proxy.stop()
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Retort answered once, so this is a timeout (the job goes on), not "unreachable".
+    assert proc.returncode == 4, out + err
+    assert time.monotonic() - started < 4
+    assert "lost the connection to Retort" in err
+    assert f"timed out after 3 s waiting for job {job['id']}" in err
+    assert "Retort unreachable at the end: cannot reach Retort" in err
+    assert "the job goes on" in err
+    assert c.get(f"/v1/jobs/{job['id']}").body["state"] in ("queued", "running", "succeeded")
+
+
+def test_wait_fails_fast_when_retort_never_answered(prod):
+    closed = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    out = cli(prod, "wait", "1", "--timeout", "60", url=closed)
+    assert out.returncode == 5 and "cannot reach Retort" in out.stderr, out.stderr
+    assert "lost the connection" not in out.stderr
+    assert time.monotonic() - started < 10
