@@ -84,6 +84,36 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
         _stop(procs)
 
 
+@main.group()
+def secrets() -> None:
+    """Secrets stored by Retort (target database URLs, webhook signing secrets)."""
+
+
+@secrets.command("rotate")
+def secrets_rotate() -> None:
+    """Re-encrypt every stored secret with the first key of RETORT_SECRET_KEY.
+
+    To rotate: set RETORT_SECRET_KEY=<new>,<old> everywhere (both keys decrypt,
+    the new one encrypts), run this once, then drop <old>.
+    """
+    from service.crypto import SecretBox, rotate_secrets
+    from service.db import make_engine, make_sessionmaker, transaction
+
+    config = _config(None, None)
+    engine = make_engine(config.database_url)
+    try:
+        with transaction(make_sessionmaker(engine)) as s:
+            counts = rotate_secrets(s, SecretBox(config.secret_keys), "operator")
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    click.echo(
+        f"re-encrypted {counts['databases']} database URLs and {counts['webhooks']} "
+        "webhook secrets with the first key"
+    )
+
+
 @main.command()
 @click.option("--port", type=int, envvar="RETORT_PORT")
 @click.option("--threads", type=int, help="Threads per process (default 64, RETORT_API_THREADS).")

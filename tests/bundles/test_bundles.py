@@ -165,3 +165,62 @@ def test_oversized_upload_is_413_before_the_body_is_read(prod):
     conn.close()
     assert resp.status == 413
     assert body["error"]["code"] == "payload_too_large"
+
+
+def _tar(members: list[tuple[str, bytes]], encoding: str = "utf-8") -> bytes:
+    buf = io.BytesIO()
+    # GNU format writes names as raw bytes in `encoding` (pax would re-encode them as UTF-8).
+    with tarfile.open(
+        fileobj=buf, mode="w:gz", encoding=encoding, format=tarfile.GNU_FORMAT
+    ) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_hostile_archives_are_refused_and_nothing_is_written(prod):
+    c = prod.client
+    project, _ = setup_project(c)
+    ok = revision("a", None).encode()
+    before = {p for p in prod.log_dir.rglob("*") if not p.name.endswith(".log")}
+    cases = {
+        # 80 MB of zeros (in files under the per-file limit) gzip to ~80 KB:
+        # refused by counting while decompressing.
+        "gzip bomb": (
+            _tar([("versions/a.py", ok)] + [(f"pad/{i}", b"\0" * 4_000_000) for i in range(20)]),
+            "bundle_too_large",
+            "expand",
+        ),
+        "too many files": (
+            _tar([("versions/a.py", ok)] + [(f"data/f{i}.txt", b"x") for i in range(2001)]),
+            "bundle_too_many_files",
+            "2000",
+        ),
+        "huge file": (
+            _tar([("versions/a.py", ok), ("versions/big.txt", b"#" * (5 * 1024 * 1024))]),
+            "bundle_file_too_large",
+            "versions/big.txt",
+        ),
+        "non-UTF-8 name": (
+            _tar([("versions/a.py", ok), ("versions/caf\xe9.py", b"x = 1\n")], "latin-1"),
+            "invalid_bundle",
+            "UTF-8",
+        ),
+        "duplicate name": (
+            _tar([("versions/a.py", ok), ("versions/a.py", ok)]),
+            "invalid_bundle",
+            "versions/a.py",
+        ),
+    }
+    for label, (data, code, text) in cases.items():
+        assert len(data) < 1024 * 1024, (label, len(data))  # small uploads, all of them
+        r = upload(c, project, data)
+        assert r.status in (413, 422), (label, r)
+        assert r.body["error"]["code"] == code, (label, r)
+        assert text in r.body["error"]["message"], (label, r)
+    # The API never unpacks an upload onto disk: not in its data directory, not anywhere.
+    after = {p for p in prod.log_dir.rglob("*") if not p.name.endswith(".log")}
+    assert after == before
+    assert c.get(f"/v1/projects/{project}/bundles/latest").status == 404
