@@ -40,7 +40,7 @@ def run(job_id: int) -> str:
 def deliver(delivery_id: int) -> None:
     delay = attempt_delivery(config, _sessions(), _box(), delivery_id)
     if delay is not None:
-        deliver.apply_async(args=[delivery_id], countdown=delay)
+        deliver.apply_async(args=[delivery_id], countdown=delay, queue=config.webhook_queue)
 
 
 @app.task(name=SWEEP, acks_late=False, ignore_result=True)
@@ -54,7 +54,7 @@ def sweep() -> dict:
     with transaction(_sessions()) as s:
         deliveries = deliveries_to_resend(s)
     for delivery_id in deliveries:
-        deliver.apply_async(args=[delivery_id])
+        deliver.apply_async(args=[delivery_id], queue=config.webhook_queue)
     with transaction(_sessions()) as s:
         purged = purge_expired(s, config.idempotency_ttl_s)
     if failed or queued or deliveries:
