@@ -382,7 +382,7 @@ class RetortClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         etag: str | None = None
         last: dict[str, Any] | None = None
-        lost_at: float | None = None  # when the connection was lost, while it is
+        lost_at: float | None = None  # when the connection was lost; None while it is up
         lost_reason = ""
         backoff = RECONNECT_FIRST_S
         while True:
@@ -392,7 +392,9 @@ class RetortClient:
             query: dict[str, Any] = {}
             headers: dict[str, str] = {}
             wait = 0.0
-            if last is not None:  # the first request only fetches the current state
+            # The first request only fetches the current state, and so does each one
+            # after a lost connection: it reports the reconnection at once.
+            if last is not None and lost_at is None:
                 limit = MAX_LONG_POLL_S if remaining is None else remaining
                 wait = round(max(0.1, min(MAX_LONG_POLL_S, limit)), 1)
                 query["wait"] = wait
