@@ -202,31 +202,16 @@ def api_command(config: Config) -> list[str]:
 
 
 def worker_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(concurrency),
-        "-Q",
-        config.queue,
-        "--hostname",
-        f"{name}@%h",
-        "--loglevel",
-        "INFO",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
+    """A migration worker: prefork, since Alembic is not thread-safe."""
+    return _celery_worker("prefork", concurrency, config.queue, f"{name}@%h")
 
 
 def webhooks_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
     """A worker for deliveries only: threads suit waiting on receivers, and no Alembic runs here."""
+    return _celery_worker("threads", concurrency, config.webhook_queue, f"webhooks-{name}@%h")
+
+
+def _celery_worker(pool: str, concurrency: int, queue: str, hostname: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -235,13 +220,13 @@ def webhooks_command(config: Config, concurrency: int, name: str = "retort") -> 
         "worker.celery_app",
         "worker",
         "--pool",
-        "threads",
+        pool,
         "--concurrency",
         str(concurrency),
         "-Q",
-        config.webhook_queue,
+        queue,
         "--hostname",
-        f"webhooks-{name}@%h",
+        hostname,
         "--loglevel",
         "INFO",
         "--without-gossip",
