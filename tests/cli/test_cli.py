@@ -554,26 +554,39 @@ def test_an_answer_that_is_not_retorts_exits_5(prod, tmp_path):
         }
 
 
-def test_wait_outlasts_an_api_restart(prod, new_db):
+def _wait_through_proxy(prod, new_db, sleep_s: int, timeout_s: int):
+    """Start `retort wait` on a slow job through a TCP proxy; return (job, proxy, process).
+
+    Returns once the wait is long-polling (its second connection): Retort has answered.
+    """
     c = prod.client
-    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(5)")}
+    slow = {"versions/s1.py": revision("s1", None, f"import time; time.sleep({sleep_s})")}
     project, _ = setup_project(c, slow)
     db = register_db(c, project, new_db("sqlite"))
     proxy = TcpProxy(prod.port)
     proxy.start()
-    proc = None
+    job = c.post("/v1/jobs", {"database": db, "target": "head"}).body
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "wait", str(job["id"]), "--timeout", str(timeout_s)],
+        env=cli_env(prod, url=proxy.url),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        job = c.post("/v1/jobs", {"database": db, "target": "head"}).body
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "wait", str(job["id"]), "--timeout", "8"],
-            env=cli_env(prod, url=proxy.url),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # A second connection is the long poll: Retort has answered the first.
         wait_until(lambda: proxy.connections >= 2)
+    except BaseException:
+        proc.kill()
+        proxy.stop()
+        raise
+    return job, proxy, proc
+
+
+def test_wait_outlasts_an_api_restart(prod, new_db):
+    c = prod.client
+    job, proxy, proc = _wait_through_proxy(prod, new_db, sleep_s=5, timeout_s=8)
+    try:
         proxy.stop()  # the API goes away mid-poll...
         time.sleep(2.5)
         assert proc.poll() is None, proc.communicate()
@@ -581,7 +594,7 @@ def test_wait_outlasts_an_api_restart(prod, new_db):
         out, err = proc.communicate(timeout=30)
     finally:
         proxy.stop()
-        if proc and proc.poll() is None:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out + err
@@ -600,29 +613,14 @@ def test_wait_outlasts_an_api_restart(prod, new_db):
 
 def test_wait_times_out_with_4_when_retort_stays_away(prod, new_db):
     c = prod.client
-    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(6)")}
-    project, _ = setup_project(c, slow)
-    db = register_db(c, project, new_db("sqlite"))
-    proxy = TcpProxy(prod.port)
-    proxy.start()
-    proc = None
+    job, proxy, proc = _wait_through_proxy(prod, new_db, sleep_s=6, timeout_s=3)
     try:
-        job = c.post("/v1/jobs", {"database": db, "target": "head"}).body
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "wait", str(job["id"]), "--timeout", "3"],
-            env=cli_env(prod, url=proxy.url),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_until(lambda: proxy.connections >= 2)
         proxy.stop()  # for good
         started = time.monotonic()
         out, err = proc.communicate(timeout=30)
     finally:
         proxy.stop()
-        if proc and proc.poll() is None:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
     # Retort answered once, so this is a timeout (the job goes on), not "unreachable".
