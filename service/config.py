@@ -34,6 +34,12 @@ class Config:
     connect_attempts: int = 4
     connect_backoff_s: float = 0.5
     connect_timeout_s: int = 5
+    # A job whose worker was lost is run again from the target's current heads,
+    # up to this many attempts in all.
+    max_attempts: int = 3
+    # On SIGTERM a worker lets its running migration finish for this long, then
+    # stops it (the target rolls back), frees the lease and hands the job over.
+    shutdown_grace_s: float = 25.0
     max_bundle_bytes: int = 16 * 1024 * 1024
     max_bundle_expanded_bytes: int = 64 * 1024 * 1024
     max_bundle_files: int = 2000
@@ -119,29 +125,11 @@ class Config:
 
     def as_env(self) -> dict[str, str]:
         """Return the variables that make a child process build this same config."""
-        return {
-            "RETORT_DATABASE_URL": self.database_url,
-            "RETORT_BROKER_URL": self.broker_url,
-            "RETORT_DATA_DIR": str(self.data_dir),
-            "RETORT_ADMIN_TOKEN": self.admin_token,
-            "RETORT_SECRET_KEY": ",".join(self.secret_keys),
-            "RETORT_PORT": str(self.port),
-            "RETORT_HOST": self.host,
-            "RETORT_QUEUE": self.queue,
-            "RETORT_LEASE_TTL_S": str(self.lease_ttl_s),
-            "RETORT_SWEEP_INTERVAL_S": str(self.sweep_interval_s),
-            "RETORT_REDISPATCH_AFTER_S": str(self.redispatch_after_s),
-            "RETORT_LOCK_WAIT_TIMEOUT_S": str(self.lock_wait_timeout_s),
-            "RETORT_CONNECT_ATTEMPTS": str(self.connect_attempts),
-            "RETORT_CONNECT_BACKOFF_S": str(self.connect_backoff_s),
-            "RETORT_CONNECT_TIMEOUT_S": str(self.connect_timeout_s),
-            "RETORT_API_PROCESSES": str(self.api_processes),
-            "RETORT_API_THREADS": str(self.api_threads),
-            "RETORT_MAX_WAIT_S": str(self.max_wait_s),
-            "RETORT_WEBHOOK_MAX_ATTEMPTS": str(self.webhook_max_attempts),
-            "RETORT_WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
-            "RETORT_WEBHOOK_TIMEOUT_S": str(self.webhook_timeout_s),
-        }
+        env = {"RETORT_SECRET_KEY": ",".join(self.secret_keys)}
+        for f in dataclasses.fields(self):
+            if f.name != "secret_keys":
+                env["RETORT_" + f.name.upper()] = str(getattr(self, f.name))
+        return env
 
 
 def _file_secret(path: Path, make) -> str:

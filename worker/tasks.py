@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import signal
 from functools import cache
+
+from celery import signals
 
 from service.crypto import SecretBox
 from service.db import make_engine, make_sessionmaker, transaction
 from service.idempotency.ops import purge_expired
-from service.jobs import sweeper
-from service.jobs.runner import run_job
+from service.jobs import runner, sweeper
 from service.queue import DELIVER, RUN_JOB, SWEEP
 from service.webhooks import outbox
 from service.webhooks.delivery import attempt_delivery, deliveries_to_resend
 from worker.celery_app import app, config
 
 log = logging.getLogger("retort.worker")
+
+# Present in the broker while it keeps its data; gone after a restart of a
+# Redis that keeps nothing on disk, or a flush: then no queued job has a message.
+BROKER_EPOCH_KEY = f"retort:{config.queue}:broker-epoch"
 
 
 @cache
@@ -33,7 +41,7 @@ def _box() -> SecretBox:
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run(job_id: int) -> str:
-    return run_job(config, _sessions(), job_id)
+    return runner.run_job(config, _sessions(), job_id)
 
 
 @app.task(name=DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -46,22 +54,69 @@ def deliver(delivery_id: int) -> None:
 @app.task(name=SWEEP, acks_late=False, ignore_result=True)
 def sweep() -> dict:
     with transaction(_sessions()) as s:
-        failed = sweeper.fail_jobs_with_expired_leases(s)
-    with transaction(_sessions()) as s:
-        queued = sweeper.jobs_to_redispatch(s, config.redispatch_after_s)
-    for job_id in queued:
-        run.apply_async(args=[job_id])
+        handed = sweeper.recover_lost_jobs(s, config.max_attempts)
+    with app.connection_for_write() as conn:
+        broker = conn.default_channel.client
+        broker_lost = not broker.exists(BROKER_EPOCH_KEY)
+        sent = []
+        while True:
+            with transaction(_sessions()) as s:
+                queued = sweeper.jobs_to_redispatch(
+                    s, config.redispatch_after_s, broker_lost=broker_lost
+                )
+            for job_id in queued:
+                run.apply_async(args=[job_id])
+            sent += queued
+            if not broker_lost or not queued:
+                break
+        if broker_lost:  # only once every queued job has a message again
+            broker.set(BROKER_EPOCH_KEY, dt.datetime.now(dt.UTC).isoformat())
     with transaction(_sessions()) as s:
         deliveries = deliveries_to_resend(s)
     for delivery_id in deliveries:
         deliver.apply_async(args=[delivery_id], queue=config.webhook_queue)
     with transaction(_sessions()) as s:
         purged = purge_expired(s, config.idempotency_ttl_s)
-    if failed or queued or deliveries:
+    if handed["recovering"] or handed["failed"] or sent or deliveries:
         log.warning(
-            "sweeper: failed %s (lease expired), sent again %s, deliveries sent again %s",
-            failed,
-            queued,
+            "sweeper: recovering %s, failed %s (worker lost), sent again %s%s, "
+            "deliveries sent again %s",
+            handed["recovering"],
+            handed["failed"],
+            sent,
+            " (the broker lost its messages)" if broker_lost and sent else "",
             deliveries,
         )
-    return {"failed": failed, "redispatched": queued, "deliveries": deliveries, "purged": purged}
+    return {**handed, "redispatched": sent, "deliveries": deliveries, "purged": purged}
+
+
+# ------------------------------------------------------------------ shutdown
+# SIGTERM starts Celery's warm shutdown, which waits for running tasks without
+# a bound. Retort bounds it: the main process tells each pool process, which
+# lets its migration run for `shutdown_grace_s`, then stops it and hands the
+# job over (runner.request_shutdown).
+
+_controller = None
+
+
+@signals.worker_init.connect
+def _remember_controller(sender, **_):
+    global _controller
+    _controller = sender
+
+
+@signals.worker_process_init.connect
+def _on_pool_process_start(**_):
+    signal.signal(signal.SIGUSR2, lambda *_: runner.request_shutdown(config.shutdown_grace_s))
+
+
+@signals.worker_shutting_down.connect
+def _tell_pool_processes(sig, how, exitcode, **_):
+    pool = getattr(getattr(_controller, "pool", None), "_pool", None)
+    for proc in getattr(pool, "_pool", None) or []:
+        pid = getattr(proc, "pid", None)
+        if isinstance(pid, int):
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass

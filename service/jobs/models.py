@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base, utcnow
@@ -27,6 +27,15 @@ class Job(Base):
     action: Mapped[str] = mapped_column(String(20))
     target: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(20), default="queued")
+    # 1 for the first run; each recovery after a lost worker runs it again from
+    # the target's current heads, as the next attempt.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # A relative target (+N, -N, branch@+N) resolved to a revision when first planned,
+    # so that a recovered attempt goes to the same place.
+    resolved_target: Mapped[str | None] = mapped_column(String(200), default=None)
+    # While claimed but not yet holding the lease: the worker renews this (epoch
+    # seconds on the state database's clock); past it, the sweeper recovers the job.
+    claim_expires_at: Mapped[float | None] = mapped_column(Float, default=None)
     from_heads: Mapped[list | None] = mapped_column(default=None)
     to_heads: Mapped[list | None] = mapped_column(default=None)
     error: Mapped[dict | None] = mapped_column(default=None)

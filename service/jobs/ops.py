@@ -186,6 +186,7 @@ def serialize_job(session: Session, job: Job, with_steps: bool = True) -> dict[s
         "action": job.action,
         "target": job.target,
         "state": job.state,
+        "attempt": job.attempt,
         "from_heads": job.from_heads,
         "to_heads": job.to_heads,
         "error": job.error,

@@ -37,8 +37,9 @@ from service.bundles.ops import bundle_files
 from service.config import Config
 from service.crypto import SecretBox
 from service.databases.models import AppliedRevision, Database
-from service.db import make_engine, make_sessionmaker, transaction, utcnow
+from service.db import epoch_now, make_engine, make_sessionmaker, transaction, utcnow
 from service.jobs.models import FINAL_STATES, Job, JobStep
+from service.jobs.sweeper import hand_over
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 from service.projects.models import Project
@@ -58,6 +59,10 @@ class JobFailure(Exception):
         self.error.update(extra)
 
 
+# Errors of a state database that is restarting or unreachable: worth a retry.
+_STATE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
+
 @dataclass
 class JobContext:
     job_id: int
@@ -70,13 +75,67 @@ class JobContext:
     config: Config
 
     def write(self, fn, *, event: str | None = None, data: dict | None = None) -> Any:
-        """Run fn(session) in a transaction fenced by this job's token, with an audit event."""
-        with transaction(self.sessions) as s:
-            leases.check_fence(s, self.database_id, self.token)
-            result = fn(s)
-            if event:
-                self.audit(s, event, data)
-            return result
+        """Run fn(session) in a transaction fenced by this job's token, with an audit event.
+
+        A fenced-out holder's write is refused and the refusal itself is audited.
+        """
+        try:
+            return self.run(fn, fenced=True, event=event, data=data)
+        except FencedOutError as exc:
+            self._audit_refusal(exc, event)
+            raise
+
+    def run(self, fn, *, fenced: bool = False, event: str | None = None, data=None) -> Any:
+        """Run fn(session) in a transaction, retried while the state database is away.
+
+        Retries stop after a lease TTL: by then the lease may have passed to
+        another worker, and the fence decides once the database is back.
+        """
+        deadline = time.monotonic() + self.config.lease_ttl_s
+        delay = 0.1
+        while True:
+            try:
+                with transaction(self.sessions) as s:
+                    if fenced:
+                        leases.check_fence(s, self.database_id, self.token)
+                    result = fn(s)
+                    if event:
+                        self.audit(s, event, data)
+                    return result
+            except _STATE_DOWN as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "job %s: state database unavailable (%s); retrying in %.1f s",
+                    self.job_id,
+                    type(exc).__name__,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _audit_refusal(self, exc: FencedOutError, event: str | None) -> None:
+        """Say in the audit log that a stale holder tried to write, and was refused."""
+        try:
+            with transaction(self.sessions) as s:
+                record_event(
+                    s,
+                    "write.fenced_out",
+                    actor="worker",
+                    project=self.project,
+                    database=self.database,
+                    job_id=self.job_id,
+                    fencing_token=self.token,
+                    data={
+                        "token": exc.token,
+                        "lease_token": exc.current,
+                        "lease_holder_job": exc.holder_job_id,
+                        "refused": event or "write",
+                        "pid": os.getpid(),
+                    },
+                )
+        except Exception:  # noqa: BLE001 - the refusal stands even if it cannot be told
+            log.exception("job %s: could not audit a fenced-out write", self.job_id)
 
     def finish(self, s: Session, values: dict[str, Any], event: str, data: dict) -> None:
         """End the job and release its lease in one transaction (already fenced)."""
@@ -108,14 +167,44 @@ class JobContext:
 # --------------------------------------------------------------------------
 
 
+# A warm shutdown of this worker (SIGTERM) lets running migrations go on until
+# this monotonic deadline, then stops them and hands their jobs over.
+_shutdown_deadline: float | None = None
+_wakers: set[threading.Event] = set()
+
+
+def request_shutdown(grace_s: float) -> None:
+    """Called in a pool process when its worker is shutting down (signal-safe)."""
+    global _shutdown_deadline
+    if _shutdown_deadline is None:
+        _shutdown_deadline = time.monotonic() + grace_s
+    for wake in list(_wakers):
+        wake.set()
+
+
 def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str:
     """Run a job to its end; a second delivery of the same job does nothing."""
+    if _shutdown_deadline is not None:
+        # Shutting down: leave the job queued, marked unsent, so the sweeper
+        # hands it to another worker at its next round.
+        with transaction(sessions) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(dispatched_at=None)
+            )
+        return "not_claimed"
     worker = f"{os.uname().nodename}:{os.getpid()}"
     with transaction(sessions) as s:
+        dialect = s.bind.dialect.name
         claimed = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == "queued")
-            .values(state="waiting_for_lock", worker=worker)
+            .values(
+                state="waiting_for_lock",
+                worker=worker,
+                claim_expires_at=epoch_now(dialect) + config.lease_ttl_s,
+            )
         ).rowcount
         if not claimed:
             job = s.get(Job, job_id)
@@ -131,7 +220,7 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             project=project.name,
             database=db.name,
             job_id=job_id,
-            data={"worker": worker},
+            data={"worker": worker, "attempt": job.attempt},
         )
         database_id, db_name, project_name = db.id, db.name, project.name
 
@@ -147,6 +236,7 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             _die_with_parent()
             _run_in_child(ctx)
         except BaseException as exc:  # noqa: BLE001 - the parent records the crash
@@ -161,21 +251,31 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
                 os._exit(code)
 
     lost = threading.Event()
+    stopped = threading.Event()
     done = threading.Event()
+    wake = threading.Event()
+    _wakers.add(wake)
     beat = threading.Thread(
-        target=_heartbeat, args=(ctx, pid, lost, done), name=f"lease-{job_id}", daemon=True
+        target=_heartbeat,
+        args=(ctx, pid, lost, stopped, done, wake),
+        name=f"lease-{job_id}",
+        daemon=True,
     )
     beat.start()
+    if _shutdown_deadline is not None:
+        wake.set()
     status = None
     try:
         _, status = os.waitpid(pid, 0)
     finally:
         done.set()
+        wake.set()
         if status is None:  # interrupted (time limit, shutdown): never orphan the child
             _kill(pid)
             _, status = os.waitpid(pid, 0)
         beat.join()
-        _finalize(ctx, os.waitstatus_to_exitcode(status), lost.is_set())
+        _wakers.discard(wake)
+        _finalize(ctx, os.waitstatus_to_exitcode(status), lost.is_set(), stopped.is_set())
     return "done"
 
 
@@ -198,33 +298,51 @@ def _kill(pid: int) -> None:
 
 
 def _acquire_lease(ctx: JobContext, worker: str) -> bool:
-    """Wait for the lease; on the grant, record the token on the job in the same transaction."""
+    """Wait for the lease; on the grant, record the token on the job in the same transaction.
+
+    While waiting, the claim is renewed: a worker that dies here leaves a claim
+    that expires, and the sweeper hands the job to another worker.
+    """
     config, job_id = ctx.config, ctx.job_id
+    ttl = config.lease_ttl_s
     started = time.monotonic()
+    renewed = started
     delay = 0.02
     announced_holder = None
     while True:
+        if _shutdown_deadline is not None:
+            _unclaim(ctx, "worker_shutdown")
+            return False
         with transaction(ctx.sessions) as s:
             state = s.scalar(select(Job.state).where(Job.id == job_id))
             if state != "waiting_for_lock":
                 log.info("job %s left waiting_for_lock (%s) before it got the lease", job_id, state)
                 return False
-            token, holder = leases.try_acquire(
-                s, ctx.database_id, job_id, worker, config.lease_ttl_s
-            )
+            token, holder = leases.try_acquire(s, ctx.database_id, job_id, worker, ttl)
             if token is not None:
                 waited_ms = int((time.monotonic() - started) * 1000)
                 s.execute(
                     update(Job)
                     .where(Job.id == job_id)
-                    .values(waiting_on_job_id=None, fencing_token=token, lock_waited_ms=waited_ms)
+                    .values(
+                        waiting_on_job_id=None,
+                        fencing_token=token,
+                        lock_waited_ms=waited_ms,
+                        claim_expires_at=None,
+                    )
                 )
                 ctx.token = token
-                ctx.audit(s, "lease.granted", {"waited_ms": waited_ms, "ttl_s": config.lease_ttl_s})
+                ctx.audit(s, "lease.granted", {"waited_ms": waited_ms, "ttl_s": ttl})
                 return True
+            values: dict[str, Any] = {}
             if holder != announced_holder:
-                s.execute(update(Job).where(Job.id == job_id).values(waiting_on_job_id=holder))
+                values["waiting_on_job_id"] = holder
                 announced_holder = holder
+            if time.monotonic() - renewed > ttl / 3:
+                values["claim_expires_at"] = epoch_now(s.bind.dialect.name) + ttl
+                renewed = time.monotonic()
+            if values:
+                s.execute(update(Job).where(Job.id == job_id).values(**values))
         if time.monotonic() - started > config.lock_wait_timeout_s:
             with transaction(ctx.sessions) as s:
                 failed = s.execute(
@@ -233,6 +351,7 @@ def _acquire_lease(ctx: JobContext, worker: str) -> bool:
                     .values(
                         state="failed",
                         finished_at=utcnow(),
+                        claim_expires_at=None,
                         error={
                             "code": "lock_timeout",
                             "message": f"job {holder} held the lease on this database for "
@@ -250,17 +369,61 @@ def _acquire_lease(ctx: JobContext, worker: str) -> bool:
         delay = min(delay * 2, 1.0)
 
 
-def _heartbeat(ctx: JobContext, pid: int, lost: threading.Event, done: threading.Event) -> None:
-    """Renew the lease; stop the migration once the lease is lost or cannot be renewed."""
+def _unclaim(ctx: JobContext, reason: str) -> None:
+    """Give a job that has not started back to the queue (this worker is stopping)."""
+    with transaction(ctx.sessions) as s:
+        count = s.execute(
+            update(Job)
+            .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
+            .values(
+                state="queued",
+                worker=None,
+                dispatched_at=None,
+                claim_expires_at=None,
+                waiting_on_job_id=None,
+            )
+        ).rowcount
+        if count:
+            ctx.audit(s, "job.released", {"code": reason})
+
+
+def _heartbeat(
+    ctx: JobContext,
+    pid: int,
+    lost: threading.Event,
+    stopped: threading.Event,
+    done: threading.Event,
+    wake: threading.Event,
+) -> None:
+    """Renew the lease; stop the migration once the lease is lost or the shutdown grace is over."""
     ttl = ctx.config.lease_ttl_s
     last_ok = time.monotonic()
-    while not done.wait(ttl / 3):
+    next_renewal = last_ok + ttl / 3
+    while True:
+        timeout = next_renewal - time.monotonic()
+        if _shutdown_deadline is not None:
+            timeout = min(timeout, _shutdown_deadline - time.monotonic())
+        wake.wait(max(timeout, 0))
+        wake.clear()
+        if done.is_set():
+            return
+        if _shutdown_deadline is not None and time.monotonic() >= _shutdown_deadline:
+            # The grace is over: stop the migration (the target rolls its step
+            # back); _finalize frees the lease and hands the job over at once.
+            log.warning("job %s: still running after the shutdown grace; stopping it", ctx.job_id)
+            stopped.set()
+            _kill(pid)
+            return
+        if time.monotonic() < next_renewal:
+            continue
+        next_renewal = time.monotonic() + ttl / 3
         try:
             with transaction(ctx.sessions) as s:
                 ok = leases.renew(s, ctx.database_id, ctx.token, ttl)
         except Exception:  # noqa: BLE001 - state DB blip: try again until the TTL is spent
             log.exception("job %s: lease renewal failed", ctx.job_id)
             if time.monotonic() - last_ok < ttl * 0.9:
+                next_renewal = time.monotonic() + min(1.0, ttl / 6)
                 continue
             ok = False
         if ok:
@@ -275,7 +438,7 @@ def _heartbeat(ctx: JobContext, pid: int, lost: threading.Event, done: threading
                 state = s.scalar(select(Job.state).where(Job.id == ctx.job_id))
         except Exception:  # noqa: BLE001
             state = None
-        if state not in ("succeeded", "failed", "cancelled"):
+        if state not in FINAL_STATES:
             log.error(
                 "job %s lost its lease (token %s); stopped its migration", ctx.job_id, ctx.token
             )
@@ -283,25 +446,43 @@ def _heartbeat(ctx: JobContext, pid: int, lost: threading.Event, done: threading
         return
 
 
-def _finalize(ctx: JobContext, exit_code: int, lost: bool) -> None:
-    """After the child: fail a job the child could not finish, release the lease."""
-    code = "lease_lost" if lost else "worker_crashed"
-    message = (
-        "the job lost its lease (its heartbeat could not renew it) and was stopped"
-        if lost
-        else f"the migration process ended unexpectedly (exit code {exit_code})"
-    )
-    error = {"code": code, "message": message, "revision": None, "statement": None}
-    with transaction(ctx.sessions) as s:
-        if s.scalar(select(Job.state).where(Job.id == ctx.job_id)) in FINAL_STATES:
-            return  # the child ended the job and released the lease itself
+def _finalize(ctx: JobContext, exit_code: int, lost: bool, stopped: bool) -> None:
+    """After the child: end or hand over a job the child could not finish, free the lease."""
+    state = ctx.run(lambda s: s.scalar(select(Job.state).where(Job.id == ctx.job_id)))
+    if state in FINAL_STATES:
+        return  # the child ended the job and released the lease itself
     try:
+        if lost or stopped:
+            # The migration was stopped from outside, not by its own doing: the
+            # next attempt goes on from the target's current heads.
+            reason = "worker_shutdown" if stopped else "lease_lost"
+            message = (
+                f"the worker was shut down and its migration did not end within "
+                f"{ctx.config.shutdown_grace_s:.0f} s; it was stopped and rolled back"
+                if stopped
+                else "the job lost its lease (its heartbeat could not renew it) and was stopped"
+            )
+            ctx.write(
+                lambda s: hand_over(
+                    s,
+                    ctx.job_id,
+                    reason=reason,
+                    message=message,
+                    max_attempts=ctx.config.max_attempts,
+                    token=ctx.token,
+                    actor="worker",
+                    count_attempt=not stopped,
+                )
+            )
+            return
+        message = f"the migration process ended unexpectedly (exit code {exit_code})"
+        error = {"code": "worker_crashed", "message": message, "revision": None, "statement": None}
         ctx.write(
             lambda s: ctx.finish(
                 s,
                 {"state": "failed", "error": error},
                 "job.failed",
-                {"code": code, "exit_code": exit_code},
+                {"code": "worker_crashed", "exit_code": exit_code},
             )
         )
     except FencedOutError:
@@ -313,6 +494,18 @@ def _finalize(ctx: JobContext, exit_code: int, lost: bool) -> None:
 # --------------------------------------------------------------------------
 
 
+@dataclass
+class _Plan:
+    """What the child is asked to do, as read from the job row."""
+
+    action: str
+    target: str  # the resolved target on a recovered attempt of a relative request
+    relative: bool
+    attempt: int
+    previously_started: bool
+    from_heads: list[str] | None
+
+
 def _run_in_child(parent_ctx: JobContext) -> None:
     config = parent_ctx.config
     # Never touch the parent's pooled connections: a new engine for this process.
@@ -321,15 +514,27 @@ def _run_in_child(parent_ctx: JobContext) -> None:
     ctx = JobContext(**{**parent_ctx.__dict__, "sessions": sessions})
     url: URL | None = None
     try:
-        with transaction(sessions) as s:
+
+        def load(s: Session):
             job = s.get(Job, ctx.job_id)
             db = s.get(Database, ctx.database_id)
             bundle = s.get(Bundle, job.bundle_pk)
-            url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(db.url_encrypted))
-            action, target = job.action, job.target
-            versions_path, revisions = bundle.versions_path, bundle.revisions
-        bundle_dir = materialize_bundle(sessions, bundle, config.bundle_cache_dir)
-        _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions)
+            s.expunge(bundle)
+            target = job.resolved_target or job.target
+            plan = _Plan(
+                action=job.action,
+                target=target,
+                relative=_is_relative(target),
+                attempt=job.attempt,
+                previously_started=job.started_at is not None,
+                from_heads=job.from_heads,
+            )
+            return db.url_encrypted, bundle, plan
+
+        url_encrypted, bundle, plan = ctx.run(load)
+        url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(url_encrypted))
+        bundle_dir = materialize_bundle(ctx, bundle, config.bundle_cache_dir)
+        _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions)
     except FencedOutError as exc:
         log.error("job %s: %s; its writes stop here", ctx.job_id, exc)
     except JobFailure as exc:
@@ -344,6 +549,11 @@ def _run_in_child(parent_ctx: JobContext) -> None:
         )
 
 
+def _is_relative(target: str) -> bool:
+    """+N, -N and branch@+N depend on where the database is: not safe to run twice."""
+    return bool(_RELATIVE.match(target) or re.search(r"@[+-]\d+$", target))
+
+
 def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
     error = {k: targets.scrub(v, url) if isinstance(v, str) else v for k, v in error.items()}
 
@@ -356,13 +566,12 @@ def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
         log.error("job %s: %s; not recording its failure", ctx.job_id, exc)
 
 
-def materialize_bundle(sessions: sessionmaker[Session], bundle: Bundle, cache_dir: Path) -> Path:
+def materialize_bundle(ctx: JobContext, bundle: Bundle, cache_dir: Path) -> Path:
     """Write a bundle's files under the cache directory once (atomic rename)."""
     final = cache_dir / bundle.digest
     if final.is_dir():
         return final
-    with transaction(sessions) as s:
-        files = bundle_files(s, bundle)
+    files = ctx.run(lambda s: bundle_files(s, bundle))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir))
     try:
@@ -468,13 +677,32 @@ class _StepRecorder:
         self.applied += 1
 
 
-def _connect(ctx: JobContext, url: URL) -> tuple[sa.Engine, Connection]:
+class _TargetLost(Exception):
+    """The connection to the target dropped in the middle of a migration step."""
+
+    def __init__(self, revision: str | None, reason: str, partial: bool):
+        super().__init__(reason)
+        self.revision = revision
+        self.reason = reason
+        self.partial = partial
+
+
+@dataclass
+class _Link:
+    """The target connection of this job, replaced when it drops and is made again."""
+
+    engine: sa.Engine
+    conn: Connection
+
+
+def _connect(ctx: JobContext, url: URL) -> _Link:
     engine = targets.make_target_engine(url, ctx.config.connect_timeout_s, ctx.job_id)
 
     def on_retry(attempt: int, exc: Exception) -> None:
         reason = targets.scrub(_db_message(exc), url)
-        with transaction(ctx.sessions) as s:
-            ctx.audit(s, "target.connect_retry", {"attempt": attempt, "reason": reason})
+        ctx.run(
+            lambda s: ctx.audit(s, "target.connect_retry", {"attempt": attempt, "reason": reason})
+        )
 
     try:
         conn = targets.connect_with_retries(
@@ -487,7 +715,7 @@ def _connect(ctx: JobContext, url: URL) -> tuple[sa.Engine, Connection]:
             f"cannot connect to {targets.mask_url(url)} after {ctx.config.connect_attempts} "
             f"attempts: {targets.scrub(_db_message(exc), url)}",
         ) from None
-    return engine, conn
+    return _Link(engine, conn)
 
 
 def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> int:
@@ -506,44 +734,63 @@ def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> None:
-    engine, conn = _connect(ctx, url)
+def _prepare(ctx: JobContext, link: _Link, url: URL) -> tuple[int, list[str]]:
+    """Take the target's session lock and read its heads; return (waited ms, heads)."""
+    waited_ms = _take_session_lock(ctx, link.conn, url)
+    targets.apply_session_settings(link.conn, url, ctx.settings)
+    heads = targets.read_heads(link.conn, ctx.settings)
+    link.conn.commit()  # the autobegin trap: Alembic must start from no transaction
+    return waited_ms, heads
+
+
+def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> None:
+    sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
+    root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
+    script = _load_scripts(root, bundle_dir / versions_path)
+    mysql = targets.dialect_of(url) == "mysql"
+    link = _connect(ctx, url)
     try:
-        waited_ms = _take_session_lock(ctx, conn, url)
+        waited_ms, heads = _prepare(ctx, link, url)
+        if plan.attempt > 1 and plan.previously_started and mysql:
+            _refuse_blind_resume(script, plan, heads)
+        resumed = plan.attempt > 1
 
         def start(s: Session) -> int:
+            values: dict[str, Any] = {
+                "state": "running",
+                "lock_waited_ms": Job.lock_waited_ms + waited_ms,
+            }
+            if not plan.previously_started:
+                values["started_at"] = utcnow()
+            if plan.from_heads is None:
+                values["from_heads"] = heads
             count = s.execute(
                 update(Job)
                 .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
-                .values(
-                    state="running",
-                    started_at=utcnow(),
-                    lock_waited_ms=Job.lock_waited_ms + waited_ms,
-                )
+                .values(**values)
             ).rowcount
             if count:
-                ctx.audit(s, "job.started", {"target_lock_waited_ms": waited_ms})
+                data = {"target_lock_waited_ms": waited_ms, "current_heads": heads}
+                if resumed:
+                    data["attempt"] = plan.attempt
+                ctx.audit(s, "job.resumed" if resumed else "job.started", data)
             return count
 
-        started = ctx.write(start)
-        if not started:
+        if not ctx.write(start):
             return  # cancelled while waiting: nothing was touched
-        targets.apply_session_settings(conn, url, ctx.settings)
-        from_heads = targets.read_heads(conn, ctx.settings)
-        conn.commit()  # the autobegin trap: Alembic must start from no transaction
-        ctx.write(
-            lambda s: s.execute(
-                update(Job).where(Job.id == ctx.job_id).values(from_heads=from_heads)
-            )
-        )
-        sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
-        _check_checksums(ctx, sha_by_revision, from_heads)
-        root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
-        script = _load_scripts(root, bundle_dir / versions_path)
+        from_heads = plan.from_heads if plan.from_heads is not None else heads
+        _check_checksums(ctx, sha_by_revision, heads)
         recorder = _StepRecorder(ctx, sha_by_revision, url)
-        _run_alembic(ctx, conn, url, script, action, target, recorder)
-        to_heads = targets.read_heads(conn, ctx.settings)
-        conn.commit()
+        reconnects = 0
+        while True:
+            try:
+                _run_alembic(ctx, link.conn, url, script, plan, recorder)
+                break
+            except _TargetLost as lost:
+                reconnects += 1
+                _reconnect(ctx, link, url, lost, reconnects)
+        to_heads = targets.read_heads(link.conn, ctx.settings)
+        link.conn.commit()
 
         def succeed(s: Session):
             ctx.finish(
@@ -556,25 +803,112 @@ def _migrate(ctx, url, action, target, bundle_dir, versions_path, revisions) -> 
         ctx.write(succeed)
     finally:
         try:
-            conn.rollback()
-            targets.release_session_lock(conn, url, ctx.settings)
+            link.conn.rollback()
+            targets.release_session_lock(link.conn, url, ctx.settings)
         except Exception:  # noqa: BLE001 - closing the session releases it anyway
             pass
-        conn.close()
-        engine.dispose()
+        link.conn.close()
+        link.engine.dispose()
+
+
+def _reconnect(ctx: JobContext, link: _Link, url: URL, lost: _TargetLost, count: int) -> None:
+    """Connect again after the target dropped mid-step, and go on from its heads.
+
+    PostgreSQL and SQLite rolled the interrupted step back with the connection;
+    on MySQL/MariaDB, a step that had run DDL may be half applied: stop there.
+    """
+    where = f"during revision {lost.revision}" if lost.revision else "during the migration"
+    ctx.run(
+        lambda s: ctx.audit(
+            s,
+            "target.connection_lost",
+            {"revision": lost.revision, "reason": lost.reason, "reconnect": count},
+        )
+    )
+    try:
+        link.conn.close()
+    except Exception:  # noqa: BLE001 - it is already gone
+        pass
+    link.engine.dispose()
+    if count > ctx.config.connect_attempts:
+        raise JobFailure(
+            "target_unreachable",
+            f"the connection to the target dropped {where} {count} times; giving up",
+            revision=lost.revision,
+        )
+    try:
+        fresh = _connect(ctx, url)
+    except JobFailure as exc:
+        undone = (
+            "statements of it that ran before may still be applied (MySQL/MariaDB DDL commits "
+            "implicitly)"
+            if lost.partial
+            else "it was rolled back by the database"
+        )
+        exc.error["message"] = (
+            f"the connection to the target was lost {where} ({lost.reason}) and could not be "
+            f"made again; {undone}. {exc.error['message']}"
+        )
+        exc.error["revision"] = lost.revision
+        raise
+    link.engine, link.conn = fresh.engine, fresh.conn
+    _, heads = _prepare(ctx, link, url)
+    if lost.partial:
+        raise JobFailure(
+            "needs_attention",
+            f"the connection to the MySQL/MariaDB target was lost {where} after some of its DDL "
+            f"had run, and DDL commits implicitly there: {lost.revision} may be half applied "
+            f"while the version table says {', '.join(heads) or 'base'}. Inspect the database, "
+            f"finish or undo {lost.revision} by hand, then stamp.",
+            revision=lost.revision,
+            database_heads=heads,
+        )
+    ctx.run(
+        lambda s: ctx.audit(s, "target.reconnected", {"current_heads": heads, "reconnect": count})
+    )
+
+
+def _steps_for(script: ScriptDirectory, action: str, target: str, heads) -> list[Any]:
+    if action == "upgrade":
+        return list(script._upgrade_revs(target, heads))
+    if action == "downgrade":
+        return list(script._downgrade_revs(target, heads))
+    return list(script._stamp_revs(tuple(target.split(",")), heads))
+
+
+def _destination(action: str, steps: list[Any]) -> str | None:
+    """The one revision a relative upgrade or downgrade ends at, if it is one."""
+    if not steps or action not in ("upgrade", "downgrade"):
+        return None
+    ends = steps[-1].to_revisions
+    if not ends:
+        return "base"
+    return ends[0] if len(ends) == 1 else None
+
+
+def _refuse_blind_resume(script: ScriptDirectory, plan: _Plan, heads: list[str]) -> None:
+    """A MySQL migration that was cut off may have left a half-applied step: stop for a human."""
+    if plan.relative:
+        remaining = True  # it never planned, or its destination is not one revision
+    else:
+        remaining = bool(_steps_for(script, plan.action, plan.target, tuple(heads)))
+    if remaining:
+        where = ", ".join(heads) or "base"
+        raise JobFailure(
+            "needs_attention",
+            "the worker running this job was lost in the middle of its migration of a "
+            "MySQL/MariaDB database, where DDL commits statement by statement: the revision "
+            f"after {where} may be half applied. Inspect the database, finish or undo that "
+            "revision by hand, then stamp.",
+            database_heads=heads,
+        )
 
 
 def _check_checksums(ctx: JobContext, sha_by_revision: dict[str, str], current: list[str]):
-    with transaction(ctx.sessions) as s:
-        applied = dict(
-            s.execute(
-                select(AppliedRevision.revision, AppliedRevision.sha256).where(
-                    AppliedRevision.database_id == ctx.database_id
-                )
-            )
-            .tuples()
-            .all()
-        )
+    query = select(AppliedRevision.revision, AppliedRevision.sha256).where(
+        AppliedRevision.database_id == ctx.database_id
+    )
+    applied = dict(ctx.run(lambda s: s.execute(query).tuples().all()))
     changed = sorted(
         rev
         for rev, sha in applied.items()
@@ -614,30 +948,37 @@ def _load_scripts(root: Path, versions_dir: Path) -> ScriptDirectory:
         ) from None
 
 
-def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder) -> None:
+def _run_alembic(ctx, conn, url, script, plan: _Plan, recorder: _StepRecorder) -> None:
     planned: list[Any] = []
+    base = recorder.applied
 
-    def plan(rev, _context):
+    def plan_steps(rev, _context):
+        target = plan.target
         if _RELATIVE.match(target) and len(rev) > 1:
             raise JobFailure(
                 "ambiguous_relative_target",
                 f"relative target {target} is ambiguous: the database has {len(rev)} heads "
                 f"({', '.join(sorted(rev))}); use a revision id or branch@{target}",
             )
-        if action == "upgrade":
-            steps = script._upgrade_revs(target, rev)
-        elif action == "downgrade":
-            steps = script._downgrade_revs(target, rev)
-        else:
-            steps = script._stamp_revs(tuple(target.split(",")), rev)
+        steps = _steps_for(script, plan.action, target, rev)
         planned.extend(steps)
+        dest = _destination(plan.action, steps) if plan.relative else None
+        if dest:
+            # A recovered attempt must go where this one was going, not N further.
+            ctx.write(
+                lambda s: s.execute(
+                    update(Job).where(Job.id == ctx.job_id).values(resolved_target=dest)
+                )
+            )
+            plan.target, plan.relative = dest, False
         return steps
 
     settings = ctx.settings
+    action, target = plan.action, plan.target
     env = EnvironmentContext(
         AlembicConfig(),
         script,
-        fn=plan,
+        fn=plan_steps,
         destination_rev=target,
     )
     sa.event.listen(conn, "before_cursor_execute", recorder.on_sql)
@@ -660,20 +1001,36 @@ def _run_alembic(ctx, conn, url, script, action, target, recorder: _StepRecorder
                 env.run_migrations()
     except (FencedOutError, JobFailure):
         raise
-    except CommandError as exc:
-        if not planned:
+    except Exception as exc:  # noqa: BLE001 - a revision raised, or the target went away
+        if conn.invalidated:
+            raise _target_lost(url, planned, recorder, base, exc, ctx) from None
+        if isinstance(exc, CommandError) and not planned:
             raise JobFailure("invalid_target", f"cannot {action} to {target}: {exc}") from None
-        raise _step_failure(ctx, conn, url, planned, recorder, exc) from None
-    except Exception as exc:  # noqa: BLE001 - a revision raised
         if not planned:
             raise JobFailure(
                 "migration_failed",
                 f"Alembic failed before running any revision: {type(exc).__name__}: "
                 f"{targets.scrub(_db_message(exc), url)}",
             ) from None
-        raise _step_failure(ctx, conn, url, planned, recorder, exc) from None
+        raise _step_failure(
+            ctx, conn, url, planned[recorder.applied - base :], recorder, exc
+        ) from None
     finally:
-        sa.event.remove(conn, "before_cursor_execute", recorder.on_sql)
+        try:
+            sa.event.remove(conn, "before_cursor_execute", recorder.on_sql)
+        except Exception:  # noqa: BLE001 - an invalidated connection may have dropped it
+            pass
+
+
+def _target_lost(url, planned, recorder, base, exc, ctx) -> _TargetLost:
+    pending = planned[recorder.applied - base :]
+    revision = getattr(getattr(pending[0], "revision", None), "revision", None) if pending else None
+    version_table = ctx.settings.get("version_table") or "alembic_version"
+    partial = targets.dialect_of(url) == "mysql" and any(
+        _DDL.match(q) and version_table not in q for q in recorder.statements
+    )
+    recorder.statements = []
+    return _TargetLost(revision, targets.scrub(_db_message(exc), url), partial)
 
 
 def _db_message(exc: BaseException) -> str:
@@ -682,9 +1039,9 @@ def _db_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _step_failure(ctx, conn, url, planned, recorder: _StepRecorder, exc) -> JobFailure:
+def _step_failure(ctx, conn, url, pending, recorder: _StepRecorder, exc) -> JobFailure:
     """Record the failed step and describe what the database was left with."""
-    failed = planned[recorder.applied] if recorder.applied < len(planned) else None
+    failed = pending[0] if pending else None
     revision = None
     doc = None
     if failed is not None:

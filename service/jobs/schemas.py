@@ -81,6 +81,8 @@ class JobOut(Out):
     action: str
     target: str
     state: str
+    # 1, then 2, 3... when a lost worker's job is run again from the target's heads.
+    attempt: int
     from_heads: list[str] | None
     to_heads: list[str] | None
     error: JobError | None

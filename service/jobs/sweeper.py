@@ -1,10 +1,15 @@
 """Keep the job table honest when the broker or a worker lets a job down.
 
-The job row is the record of truth. A job still `queued` some seconds after it
-was requested may have no message (the broker was down, or lost it on restart):
-send it again; the worker's conditional claim makes a duplicate harmless. A job
-whose lease expired while it was waiting or running has lost its worker (the
-heartbeat stopped): fail it with `worker_lost` and free the lease.
+The job row is the record of truth, not the broker's message:
+
+- A job still `queued` with no live message is sent again: at once after the
+  broker lost its data (a restart of a Redis that keeps nothing on disk, a
+  flush), otherwise once it has been queued for `redispatch_after_s`. The
+  worker's conditional claim makes a duplicate message harmless.
+- A job whose worker stopped (its lease expired, or its claim expired while it
+  waited for the lease) is handed over: queued again as its next attempt, which
+  re-reads the target's current heads and goes on from there, or failed with
+  `worker_lost` once `max_attempts` are spent.
 """
 
 from __future__ import annotations
@@ -25,35 +30,36 @@ from service.projects.models import Project
 
 log = logging.getLogger("retort.sweeper")
 
+_STARTED = ("waiting_for_lock", "running")
 
-def jobs_to_redispatch(session: Session, older_than_s: float, limit: int = 500) -> list[int]:
-    """Return queued jobs never handed to the broker, or last handed over long ago.
 
-    Marks them dispatched now, so the next sweep does not send them again at once.
+def jobs_to_redispatch(
+    session: Session, older_than_s: float, *, broker_lost: bool = False, limit: int = 500
+) -> list[int]:
+    """Return queued jobs whose message may be gone; mark them dispatched now.
+
+    Normally: never handed to the broker, or last handed over `older_than_s` ago.
+    After the broker lost its data: every queued job (call until it returns []).
     """
-    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
-    ids = list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.state == "queued",
-                or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff),
-                Job.created_at < utcnow() - dt.timedelta(seconds=2),
-            )
-            .order_by(Job.id)
-            .limit(limit)
-        )
+    now = utcnow()
+    cutoff = now if broker_lost else now - dt.timedelta(seconds=older_than_s)
+    query = select(Job.id).where(
+        Job.state == "queued", or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff)
     )
+    if not broker_lost:
+        query = query.where(Job.created_at < now - dt.timedelta(seconds=2))
+    ids = list(session.scalars(query.order_by(Job.id).limit(limit)))
     if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(dispatched_at=utcnow()))
+        session.execute(update(Job).where(Job.id.in_(ids)).values(dispatched_at=now))
     return ids
 
 
-def fail_jobs_with_expired_leases(session: Session) -> list[int]:
-    """Fail the jobs whose lease expired under them, release those leases."""
+def recover_lost_jobs(session: Session, max_attempts: int) -> dict[str, list[int]]:
+    """Hand over the jobs whose worker stopped: their lease or their claim expired."""
     now = epoch_now(session.bind.dialect.name)
-    rows = session.execute(
-        select(Job, Lease)
+    out: dict[str, list[int]] = {"recovering": [], "failed": []}
+    holders = session.execute(
+        select(Job.id, Lease.token)
         .join(
             Lease,
             and_(
@@ -62,41 +68,110 @@ def fail_jobs_with_expired_leases(session: Session) -> list[int]:
                 Lease.token == Job.fencing_token,
             ),
         )
-        .where(Job.state.in_(("waiting_for_lock", "running")), Lease.expires_at < now)
+        .where(Job.state.in_(_STARTED), Lease.expires_at < now)
         .with_for_update(of=Lease)
     ).all()
-    failed = []
-    for job, lease in rows:
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.state.in_(("waiting_for_lock", "running")))
-            .values(
-                state="failed",
-                finished_at=utcnow(),
-                error={
-                    "code": "worker_lost",
-                    "message": "the worker running this job stopped renewing its lease "
-                    "(it crashed or was killed); check the database's current heads "
-                    "before retrying",
-                    "revision": None,
-                    "statement": None,
-                },
-            )
-        ).rowcount
-        if not done:
-            continue
-        leases.release(session, lease.database_id, lease.token)
-        db = session.get(Database, job.database_id)
-        project = session.get(Project, job.project_id)
+    for job_id, token in holders:
+        outcome = hand_over(
+            session,
+            job_id,
+            reason="worker_lost",
+            message="the worker running this job stopped renewing its lease "
+            "(it crashed, was killed or lost its connections)",
+            max_attempts=max_attempts,
+            token=token,
+        )
+        if outcome:
+            out[outcome].append(job_id)
+    waiting = session.scalars(
+        select(Job.id).where(Job.state == "waiting_for_lock", Job.claim_expires_at < now)
+    ).all()
+    for job_id in waiting:
+        outcome = hand_over(
+            session,
+            job_id,
+            reason="worker_lost",
+            message="the worker that claimed this job stopped while it waited for the lease",
+            max_attempts=max_attempts,
+            require_claim_expired_before=now,
+        )
+        if outcome:
+            out[outcome].append(job_id)
+    return out
+
+
+def hand_over(
+    session: Session,
+    job_id: int,
+    *,
+    reason: str,
+    message: str,
+    max_attempts: int,
+    token: int | None = None,
+    actor: str = "sweeper",
+    count_attempt: bool = True,
+    require_claim_expired_before: float | None = None,
+) -> str | None:
+    """Queue a started job again as its next attempt, or fail it once attempts are spent.
+
+    `token`: the lease this job holds, released in the same transaction.
+    `count_attempt=False`: a hand-over that says nothing about the job (a worker
+    shutting down) never uses up its attempts. Returns "recovering", "failed",
+    or None when the job had already moved on.
+    """
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.state not in _STARTED:
+        return None
+    cond = [Job.id == job_id, Job.state.in_(_STARTED)]
+    if require_claim_expired_before is not None:
+        cond.append(Job.claim_expires_at < require_claim_expired_before)
+    attempt, worker = job.attempt, job.worker
+    if count_attempt and attempt >= max_attempts:
+        outcome, event = "failed", "job.failed"
+        values = {
+            "state": "failed",
+            "finished_at": utcnow(),
+            "claim_expires_at": None,
+            "error": {
+                "code": "worker_lost",
+                "message": f"{message}; gave up after {attempt} attempt(s). Check the "
+                "database's current heads before retrying",
+                "revision": None,
+                "statement": None,
+            },
+        }
+    else:
+        outcome, event = "recovering", "job.recovering"
+        values = {
+            "state": "queued",
+            "attempt": attempt + 1,
+            "worker": None,
+            "dispatched_at": None,
+            "claim_expires_at": None,
+            "waiting_on_job_id": None,
+        }
+    if not session.execute(update(Job).where(*cond).values(**values)).rowcount:
+        return None
+    db = session.get(Database, job.database_id)
+    project = session.get(Project, job.project_id)
+
+    def audit(name: str, data: dict | None = None) -> None:
         record_event(
             session,
-            "job.failed",
-            actor="sweeper",
+            name,
+            actor=actor,
             project=project.name,
             database=db.name,
-            job_id=job.id,
-            fencing_token=lease.token,
-            data={"code": "worker_lost"},
+            job_id=job_id,
+            fencing_token=token,
+            data=data,
         )
-        failed.append(job.id)
-    return failed
+
+    if token is not None and leases.release(session, job.database_id, token):
+        audit("lease.released", {"reason": reason})
+    data = {"code": reason, "attempt": attempt, "worker": worker, "message": message}
+    if outcome == "recovering":
+        data["next_attempt"] = attempt + 1
+    audit(event, data)
+    log.warning("job %s (attempt %s, %s): %s -> %s", job_id, attempt, worker, reason, outcome)
+    return outcome

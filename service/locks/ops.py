@@ -12,6 +12,12 @@ from service.locks.models import Lease
 class FencedOutError(Exception):
     """This holder's token is no longer the lease's: a newer holder took over."""
 
+    def __init__(self, message: str, token: int, current: int, holder_job_id: int | None):
+        super().__init__(message)
+        self.token = token
+        self.current = current
+        self.holder_job_id = holder_job_id
+
 
 def try_acquire(session: Session, database_id: int, job_id: int, holder: str, ttl: float):
     """Grant the lease if it is free or expired; return (token, None) or (None, holder job)."""
@@ -76,5 +82,8 @@ def check_fence(session: Session, database_id: int, token: int) -> None:
     ).one()
     if current.token != token or current.holder_job_id is None:
         raise FencedOutError(
-            f"fencing token {token} is stale: the lease is now at token {current.token}"
+            f"fencing token {token} is stale: the lease is now at token {current.token}",
+            token,
+            current.token,
+            current.holder_job_id,
         )
