@@ -195,6 +195,7 @@ def serialize_job(session: Session, job: Job, with_steps: bool = True) -> dict[s
             "waited_ms": job.lock_waited_ms,
         },
         "requested_by": job.requested_by,
+        "worker": job.worker,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

@@ -88,6 +88,8 @@ class JobOut(Out):
     error: JobError | None
     lock: JobLock
     requested_by: str
+    # host:pid of the worker process that claimed the job (its latest attempt).
+    worker: str | None
     created_at: str
     started_at: str | None
     finished_at: str | None

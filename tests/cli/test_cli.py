@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,12 +14,14 @@ from pathlib import Path
 
 from tests.helpers import (
     ROOT,
+    TcpProxy,
     chain_bundle,
     free_port,
     register_db,
     revision,
     setup_project,
     unique,
+    wait_until,
 )
 
 BRANCHED = {
@@ -372,83 +373,6 @@ class FakeServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-class TcpProxy:
-    """Forward a port to Retort's; stop() cuts every connection and refuses new ones
-    (an API restart, as the client sees it) until start() listens on the same port again."""
-
-    def __init__(self, target_port: int):
-        self.target = target_port
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.connections = 0
-        self.lock = threading.Lock()
-        self.sockets: set[socket.socket] = set()
-        self.listening: threading.Event | None = None
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        listener.settimeout(0.05)
-        self.listening = threading.Event()
-        self.listening.set()
-        self.thread = threading.Thread(
-            target=self._accept, args=(listener, self.listening), daemon=True
-        )
-        self.thread.start()
-
-    def stop(self) -> None:
-        if self.listening:
-            self.listening.clear()
-            self.thread.join()  # the accept loop closes its listener: connections are refused
-            self.listening = None
-        with self.lock:
-            open_sockets, self.sockets = self.sockets, set()
-        for sock in open_sockets:
-            _close(sock)
-
-    def _accept(self, listener: socket.socket, listening: threading.Event) -> None:
-        with listener:
-            while listening.is_set():
-                try:
-                    client, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                client.settimeout(None)
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-                with self.lock:
-                    self.connections += 1
-                    self.sockets |= {client, upstream}
-                for src, dst in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        _close(src)
-        _close(dst)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_token_with_a_trailing_newline_works(prod, tmp_path):

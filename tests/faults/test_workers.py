@@ -1,0 +1,151 @@
+"""Workers that die, freeze or are stopped in the middle of a migration."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.faults.conftest import Hold, _wait, applied_log, logged_chain
+from tests.helpers import register_db, setup_project
+
+
+def _events(c, job_id: int) -> list[dict]:
+    return c.get(f"/v1/audit?job={job_id}&limit=1000").body["events"][::-1]  # oldest first
+
+
+def _steps_by_revision(job: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for step in job["steps"]:
+        for rev in step["revisions"]:
+            out.setdefault(rev, []).append(step)
+    return out
+
+
+def _start_held_job(s, new_db, tmp_path, dialect: str):
+    hold = Hold(tmp_path)
+    hold.close()
+    c = s.client
+    project, _ = setup_project(c, logged_chain(hold))
+    url = new_db(dialect)
+    db = register_db(c, project, url)
+    r = c.post("/v1/jobs", {"database": db, "target": "head"})
+    assert r.status == 202, r
+    hold.wait_entered()
+    job = c.get(f"/v1/jobs/{r.body['id']}").body
+    assert job["state"] == "running", job
+    return c, hold, url, db, job
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_worker_killed_mid_migration_is_recovered(stack, new_db, tmp_path, dialect):
+    s = stack()
+    c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, dialect)
+    first_token = job["lock"]["fencing_token"]
+    name, _ = s.worker_of(job)
+    s.kill_worker(name)  # r2 is mid-transaction: it dies with its worker
+    hold.open()
+
+    done = c.wait_job(job["id"], timeout=90)
+    assert done["state"] == "succeeded", done
+    assert done["attempt"] == 2
+    assert done["to_heads"] == ["r3"]
+    assert done["from_heads"] == []
+    assert done["lock"]["fencing_token"] > first_token
+    # r2 ran twice, but only the second run committed: nothing applied twice.
+    assert hold.times_entered() == 2
+    assert applied_log(url) == ["r1", "r2", "r3"]
+    steps = _steps_by_revision(done)
+    assert {rev: len(v) for rev, v in steps.items()} == {"r1": 1, "r2": 1, "r3": 1}
+    assert steps["r1"][0]["fencing_token"] == first_token
+    assert steps["r2"][0]["fencing_token"] == steps["r3"][0]["fencing_token"] > first_token
+
+    # The audit log tells the story, and its chain still verifies.
+    actions = [(e["action"], e["fencing_token"]) for e in _events(c, job["id"])]
+    names = [a for a, _ in actions]
+    assert names.index("job.started") < names.index("job.recovering") < names.index("job.resumed")
+    granted = [t for a, t in actions if a == "lease.granted"]
+    assert len(granted) == 2 and granted[0] < granted[1], actions
+    recovering = next(e for e in _events(c, job["id"]) if e["action"] == "job.recovering")
+    assert recovering["data"]["code"] == "worker_lost"
+    assert recovering["actor"] == "sweeper"
+    resumed = next(e for e in _events(c, job["id"]) if e["action"] == "job.resumed")
+    assert resumed["data"]["current_heads"] == ["r1"]  # read from the target, not assumed
+    assert c.get("/v1/audit/verify").body["ok"] is True
+    assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
+
+
+def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path):
+    s = stack()
+    c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
+    old_token = job["lock"]["fencing_token"]
+    _, pool_pid = s.worker_of(job)
+    # The pool process stops (its heartbeat with it); its migration goes on.
+    s.freeze(pool_pid)
+    # The lease expires, the sweeper hands the job over, a new attempt takes the
+    # lease with a higher token and waits for the target's session lock...
+    _wait(lambda: c.get(f"/v1/jobs/{job['id']}").body["attempt"] == 2, 30, "a second attempt")
+    _wait(
+        lambda: (c.get(f"/v1/jobs/{job['id']}").body["lock"]["fencing_token"] or 0) > old_token,
+        30,
+        "the new holder's lease",
+    )
+    # ...which the old migration still holds. Let it go on: its step is refused.
+    hold.open()
+    done = c.wait_job(job["id"], timeout=90)
+    s.thaw(pool_pid)
+    assert done["state"] == "succeeded", done
+    new_token = done["lock"]["fencing_token"]
+    assert new_token > old_token
+    assert applied_log(url) == ["r1", "r2", "r3"]
+    assert hold.times_entered() == 2
+    steps = _steps_by_revision(done)
+    assert [st["fencing_token"] for st in steps["r2"]] == [new_token]
+    refused = [e for e in _events(c, job["id"]) if e["action"] == "write.fenced_out"]
+    assert refused, "the stale holder's write was not refused"
+    assert refused[0]["data"]["token"] == old_token
+    assert refused[0]["data"]["lease_token"] == new_token
+    assert refused[0]["data"]["refused"] == "step.applied"
+    # Once thawed, the old holder finds its lease gone and leaves the job alone.
+    time.sleep(3)
+    again = c.get(f"/v1/jobs/{job['id']}").body
+    assert again["state"] == "succeeded" and again["lock"]["fencing_token"] == new_token
+    assert c.get("/v1/audit/verify").body["ok"] is True
+
+
+def test_sigterm_lets_the_running_migration_finish(stack, new_db, tmp_path):
+    s = stack(workers=("w1",))
+    c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
+    w1 = s.workers["w1"]
+    w1.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert w1.poll() is None  # still finishing its migration
+    hold.open()
+    done = c.wait_job(job["id"], timeout=30)
+    assert done["state"] == "succeeded" and done["attempt"] == 1, done
+    assert w1.wait(timeout=20) == 0
+    assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
+    assert applied_log(url) == ["r1", "r2", "r3"]
+
+
+def test_sigterm_stops_a_migration_past_the_grace_and_hands_it_over(stack, new_db, tmp_path):
+    s = stack(workers=("w1",), shutdown_grace_s=2)
+    c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
+    w1 = s.workers["w1"]
+    w1.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert w1.wait(timeout=20) == 0
+    assert time.monotonic() - started < 10  # the grace (2 s), not the migration's length
+    # The lease is free at once (no TTL to wait out) and the job is queued again.
+    after = c.get(f"/v1/jobs/{job['id']}").body
+    assert after["state"] == "queued" and after["attempt"] == 2, after
+    assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
+    handed = [e for e in _events(c, job["id"]) if e["action"] == "job.recovering"]
+    assert handed and handed[0]["data"]["code"] == "worker_shutdown"
+    assert applied_log(url) == ["r1"]  # r2 was rolled back
+    hold.open()
+    s.add_worker("w2")
+    done = c.wait_job(job["id"], timeout=60)
+    assert done["state"] == "succeeded", done
+    assert applied_log(url) == ["r1", "r2", "r3"]
