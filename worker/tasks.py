@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import signal
@@ -11,7 +10,7 @@ from functools import cache
 from celery import signals
 
 from service.crypto import SecretBox
-from service.db import make_engine, make_sessionmaker, transaction
+from service.db import make_engine, make_sessionmaker, transaction, utcnow
 from service.idempotency.ops import purge_expired
 from service.jobs import runner, sweeper
 from service.queue import DELIVER, RUN_JOB, SWEEP
@@ -58,11 +57,12 @@ def sweep() -> dict:
     with app.connection_for_write() as conn:
         broker = conn.default_channel.client
         broker_lost = not broker.exists(BROKER_EPOCH_KEY)
+        lost_before = utcnow() if broker_lost else None
         sent = []
         while True:
             with transaction(_sessions()) as s:
                 queued = sweeper.jobs_to_redispatch(
-                    s, config.redispatch_after_s, broker_lost=broker_lost
+                    s, config.redispatch_after_s, lost_before=lost_before
                 )
             for job_id in queued:
                 run.apply_async(args=[job_id])
@@ -70,7 +70,7 @@ def sweep() -> dict:
             if not broker_lost or not queued:
                 break
         if broker_lost:  # only once every queued job has a message again
-            broker.set(BROKER_EPOCH_KEY, dt.datetime.now(dt.UTC).isoformat())
+            broker.set(BROKER_EPOCH_KEY, lost_before.isoformat())
     with transaction(_sessions()) as s:
         deliveries = deliveries_to_resend(s)
     for delivery_id in deliveries:

@@ -34,19 +34,24 @@ _STARTED = ("waiting_for_lock", "running")
 
 
 def jobs_to_redispatch(
-    session: Session, older_than_s: float, *, broker_lost: bool = False, limit: int = 500
+    session: Session,
+    older_than_s: float,
+    *,
+    lost_before: dt.datetime | None = None,
+    limit: int = 500,
 ) -> list[int]:
     """Return queued jobs whose message may be gone; mark them dispatched now.
 
     Normally: never handed to the broker, or last handed over `older_than_s` ago.
-    After the broker lost its data: every queued job (call until it returns []).
+    When the broker lost its data at `lost_before` (or earlier): every queued job
+    last handed over before then (call until it returns []).
     """
     now = utcnow()
-    cutoff = now if broker_lost else now - dt.timedelta(seconds=older_than_s)
+    cutoff = lost_before or now - dt.timedelta(seconds=older_than_s)
     query = select(Job.id).where(
         Job.state == "queued", or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff)
     )
-    if not broker_lost:
+    if lost_before is None:
         query = query.where(Job.created_at < now - dt.timedelta(seconds=2))
     ids = list(session.scalars(query.order_by(Job.id).limit(limit)))
     if ids:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,8 @@ class PrivateCluster:
     """A PostgreSQL cluster of this test alone, so that it can really be restarted."""
 
     def __init__(self, workdir: Path):
-        self.dir = workdir / "pg"
+        # Outside pytest's tmp tree, which the postgres user may not enter.
+        self.dir = Path(tempfile.mkdtemp(prefix="retort-pg-"))
         self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -108,7 +110,6 @@ class PrivateCluster:
         )
 
     def init(self) -> None:
-        self.dir.mkdir()
         if self.as_postgres:
             shutil.chown(self.dir, "postgres")
         self._run(
@@ -128,13 +129,16 @@ class PrivateCluster:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop")
 
     def restart(self) -> None:
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "restart")
+        # Not `pg_ctl restart`: the new server would log to our captured stdout.
+        self.stop()
+        self.start()
 
     def destroy(self) -> None:
         try:
             self.stop("immediate")
         except subprocess.CalledProcessError:
             pass
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
