@@ -1,13 +1,20 @@
 from flask import Blueprint
 
 from service.app import actor, parse_json, parse_query, principal, require, services
-from service.databases.ops import create_database, get_database, list_databases, serialize_database
+from service.databases.ops import (
+    create_database,
+    get_database,
+    list_databases,
+    serialize_database,
+    unlock_database,
+)
 from service.databases.schemas import (
     DatabaseCreate,
     DatabaseList,
     DatabaseOut,
     DatabasePage,
     DatabaseShow,
+    UnlockOut,
 )
 from service.db import transaction
 from service.openapi import operation
@@ -50,3 +57,16 @@ def show_database(name: str):
         db = get_database(s, name, principal())
         project = s.get(Project, db.project_id)
         return serialize_database(s, db, project, box=services().box if live else None)
+
+
+@bp.post("/databases/<name>/unlock")
+@operation(
+    "Free the lease of a database whose holder is gone (admin; refused while it is alive)",
+    role="admin",
+    responses={200: UnlockOut},
+)
+def unlock(name: str):
+    """Release an expired lease and fail the job that held it; 409 while the holder renews it."""
+    require("admin")
+    with transaction(services().sessions) as s:
+        return unlock_database(s, name, actor(), principal())

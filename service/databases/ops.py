@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -154,3 +154,77 @@ def serialize_database(
         "held_by_job": lease.holder_job_id if lease else None,
     }
     return out
+
+
+def unlock_database(session: Session, name: str, actor: str, who: Principal | None) -> dict:
+    """Free a lease whose holder stopped renewing it, failing the job that held it.
+
+    Refused while the holder is alive (its heartbeat keeps the lease fresh): a
+    live migration is never cut off this way. The sweeper does the same on its
+    own (it runs the job again instead); this is for a human when it is not running.
+    """
+    from service.db import epoch_now, utcnow
+    from service.jobs.models import Job
+    from service.locks import ops as leases
+
+    db = get_database(session, name, who)
+    project = session.get(Project, db.project_id)
+    lease = session.execute(
+        select(Lease).where(Lease.database_id == db.id).with_for_update()
+    ).scalar_one_or_none()
+    if lease is None or lease.holder_job_id is None:
+        raise ConflictError(
+            f"database {name} is not locked: no job holds its lease",
+            {"database": name},
+            code="not_locked",
+        )
+    now = float(session.scalar(select(epoch_now(session.bind.dialect.name))))
+    holder = {"job": lease.holder_job_id, "worker": lease.holder, "fencing_token": lease.token}
+    if lease.expires_at is not None and lease.expires_at >= now:
+        raise ConflictError(
+            f"job {lease.holder_job_id} holds the lease on {name} and its worker "
+            f"({lease.holder}) is alive: it renewed the lease, which expires in "
+            f"{lease.expires_at - now:.0f} s. Cancel or wait for the job instead",
+            {**holder, "expires_in_s": round(lease.expires_at - now, 1)},
+            code="lease_held",
+        )
+    expired_s = round(now - lease.expires_at, 1) if lease.expires_at is not None else None
+    leases.release(session, db.id, lease.token)  # the lease object now shows no holder
+    job = session.get(Job, holder["job"])
+    failed = session.execute(
+        update(Job)
+        .where(Job.id == holder["job"], Job.state.in_(("waiting_for_lock", "running")))
+        .values(
+            state="failed",
+            finished_at=utcnow(),
+            claim_expires_at=None,
+            error={
+                "code": "unlocked",
+                "message": f"{actor} released this job's lease {expired_s} s after it expired "
+                "(its worker was gone); check the database's current heads before retrying",
+                "revision": None,
+                "statement": None,
+            },
+        )
+    ).rowcount
+
+    def audit(event: str, data: dict) -> None:
+        record_event(
+            session,
+            event,
+            actor=actor,
+            project=project.name,
+            database=db.name,
+            job_id=holder["job"],
+            fencing_token=holder["fencing_token"],
+            data=data,
+        )
+
+    audit("lease.unlocked", {**holder, "expired_s_ago": expired_s})
+    if failed:
+        audit("job.failed", {"code": "unlocked"})
+    return {
+        "database": name,
+        "released": {**holder, "expired_s_ago": expired_s},
+        "job_state": "failed" if failed else (job.state if job else None),
+    }

@@ -53,3 +53,17 @@ class DatabaseShow(BaseModel):
 
     # false: do not connect to the target (no current/pending)
     live: bool = True
+
+
+class ReleasedLease(Out):
+    job: int
+    worker: str | None
+    fencing_token: int
+    expired_s_ago: float | None
+
+
+class UnlockOut(Out):
+    database: str
+    released: ReleasedLease
+    # The state of the job that held the lease, after the unlock.
+    job_state: str | None

@@ -199,10 +199,15 @@ class Stack(Retort):
 
 @pytest.fixture
 def stack(backends, tmp_path):
-    """stack(workers=("w1", "w2"), private_state=False, **RETORT_* overrides) -> Stack."""
+    """stack(workers=("w1", "w2"), private_state=False, beat=True, **overrides) -> Stack.
+
+    `overrides` are Config fields (RETORT_<NAME>), e.g. lease_ttl_s=4.
+    """
     made: list[Stack] = []
 
-    def make(workers=("w1", "w2"), private_state: bool = False, **overrides) -> Stack:
+    def make(
+        workers=("w1", "w2"), private_state: bool = False, beat: bool = True, **overrides
+    ) -> Stack:
         workdir = tmp_path / f"stack{len(made)}"
         workdir.mkdir()
         redis_server = RedisServer(workdir)
@@ -236,7 +241,8 @@ def stack(backends, tmp_path):
         s.spawn("api", [sys.executable, "-m", "service.cli", "api", "--port", str(port)])
         for name in workers:
             s.add_worker(name)
-        s.spawn("beat", [sys.executable, "-m", "service.cli", "beat"])
+        if beat:
+            s.spawn("beat", [sys.executable, "-m", "service.cli", "beat"])
         s.wait_ready()
         return s
 

@@ -116,6 +116,13 @@ ROUTES = [
         200,
     ),
     (
+        "unlock database",
+        "admin",
+        False,
+        lambda w, k: ("POST", f"/v1/databases/{w[k]['db']}/unlock", {}),
+        409,  # allowed, and refused: nothing holds its lease
+    ),
+    (
         "database history",
         "viewer",
         False,
@@ -197,6 +204,7 @@ PROJECT_SCOPED = {
     "show bundle",
     "register database",
     "show database",
+    "unlock database",
     "database history",
     "create job",
     "show job",

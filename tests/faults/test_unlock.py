@@ -1,0 +1,47 @@
+"""The recovery action left to a human: unlock a database whose lease holder is gone."""
+
+from __future__ import annotations
+
+from tests.faults.conftest import Hold, _wait, applied_log, logged_chain
+from tests.helpers import register_db, setup_project
+
+
+def test_unlock_is_refused_while_the_holder_is_alive_then_frees_a_dead_ones_lease(
+    stack, new_db, tmp_path
+):
+    # No sweeper in this stack: nothing recovers the job but the admin.
+    s = stack(workers=("w1",), beat=False)
+    c = s.client
+    hold = Hold(tmp_path)
+    hold.close()
+    project, _ = setup_project(c, logged_chain(hold))
+    url = new_db("postgresql")
+    db = register_db(c, project, url)
+    job_id = c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"]
+    hold.wait_entered()
+
+    r = c.post(f"/v1/databases/{db}/unlock")
+    assert r.status == 409, r
+    assert r.body["error"]["code"] == "lease_held"
+    assert r.body["error"]["details"]["job"] == job_id
+    assert 0 < r.body["error"]["details"]["expires_in_s"] <= 4
+    assert c.get(f"/v1/jobs/{job_id}").body["state"] == "running"  # untouched
+
+    s.kill_worker("w1")
+    hold.open()
+    _wait(lambda: c.post(f"/v1/databases/{db}/unlock").status != 409, 15, "the lease to expire")
+    job = c.get(f"/v1/jobs/{job_id}").body
+    assert job["state"] == "failed" and job["error"]["code"] == "unlocked", job
+    assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
+    events = c.get(f"/v1/audit?job={job_id}").body["events"]
+    unlocked = next(e for e in events if e["action"] == "lease.unlocked")
+    assert unlocked["actor"] == "admin" and unlocked["data"]["job"] == job_id
+    assert applied_log(url) == ["r1"]  # r2 died with its worker, rolled back
+
+    again = c.post(f"/v1/databases/{db}/unlock")
+    assert again.status == 409 and again.body["error"]["code"] == "not_locked", again
+    assert c.post("/v1/databases/nope/unlock").status == 404
+    s.add_worker("w2")
+    later = c.wait_job(c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"])
+    assert later["state"] == "succeeded", later
+    assert applied_log(url) == ["r1", "r2", "r3"]
