@@ -149,3 +149,20 @@ def test_sigterm_stops_a_migration_past_the_grace_and_hands_it_over(stack, new_d
     done = c.wait_job(job["id"], timeout=60)
     assert done["state"] == "succeeded", done
     assert applied_log(url) == ["r1", "r2", "r3"]
+
+
+def test_worker_killed_mid_migration_on_mysql_stops_for_a_human(stack, new_db, tmp_path):
+    s = stack()
+    c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "mysql")
+    name, _ = s.worker_of(job)
+    s.kill_worker(name)  # r2's DDL already committed itself: MySQL has no transactional DDL
+    hold.open()
+    done = c.wait_job(job["id"], timeout=90)
+    assert done["state"] == "failed", done
+    assert done["attempt"] == 2
+    assert done["error"]["code"] == "needs_attention"
+    assert done["error"]["database_heads"] == ["r1"]
+    assert "half applied" in done["error"]["message"]
+    assert hold.times_entered() == 1  # the recovered attempt did not run r2 blindly again
+    assert applied_log(url) == ["r1", "r2"]  # what the half-applied r2 left behind
+    assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
