@@ -166,7 +166,9 @@ def run(
         "connections": connections,
         "body_bytes": len(body),
         "steps": len(job["steps"]),
-        "gunicorn_flags": " ".join(retort_cmd[3:-1]),
+        "gunicorn_flags": " ".join(retort_cmd[3:-1]).replace(
+            f"127.0.0.1:{cluster.port}", "127.0.0.1:PORT"
+        ),
         "retort": {k: v for k, v in retort.items() if k != "raw"},
         "bare": {k: v for k, v in bare.items() if k != "raw"},
         "ratio": retort["rps"] / bare["rps"],

@@ -231,7 +231,7 @@ def way_retort(
 
 
 PHASES = [
-    ("job.requested", "job.claimed", "queued (POST commit -> a worker claims it)"),
+    ("job.requested", "job.claimed", "queued until a worker is free (all N posted at once)"),
     ("job.claimed", "lease.granted", "claim -> lease granted"),
     ("lease.granted", "job.started", "lease -> running (fork, child engine, target connect+lock)"),
     ("job.started", "job.succeeded", "running (heads, checksums, scripts, every step)"),

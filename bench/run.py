@@ -94,7 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SIZE=N",
         help=f"override one size ({', '.join(FULL)}); such a run writes nothing unless --write",
     )
+    parser.add_argument("--render", metavar="JSON", help="only rewrite BENCHMARKS.md from --json")
     args = parser.parse_args(argv)
+    if args.render:
+        from bench.report import update_benchmarks_md
+
+        saved = json.loads(Path(args.render).read_text())
+        update_benchmarks_md(h.ROOT / "BENCHMARKS.md", saved, saved["goals"])
+        return 0
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -424,8 +431,21 @@ def machine() -> dict[str, str]:
 
 
 def command_line(argv: list[str] | None) -> str:
-    args = sys.argv[1:] if argv is None else argv
-    return " ".join([".venv/bin/python bench/run.py", *args]).strip()
+    """The command that reproduces the figures (without where the raw results went)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    shown = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--json", "--render"):
+            skip = True
+            continue
+        if a.startswith(("--json=", "--render=")) or a in ("--write", "--keep"):
+            continue
+        shown.append(a)
+    return " ".join([".venv/bin/python bench/run.py", *shown]).strip()
 
 
 def goal_table(results: dict[str, Any]) -> list[dict[str, Any]]:
