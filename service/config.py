@@ -51,7 +51,7 @@ class Config:
     # `GET /v1/jobs/{id}?wait=S` holds a request at most this long.
     max_wait_s: float = 30.0
     # How often one thread per API process looks at the jobs its requests wait on.
-    watch_interval_s: float = 0.2
+    watch_interval_s: float = 0.05
     # An Idempotency-Key is remembered this long.
     idempotency_ttl_s: float = 24 * 3600.0
     # Webhook deliveries: attempts, the first retry delay (doubling, capped), timeout.

@@ -74,15 +74,18 @@ class JobContext:
     sessions: sessionmaker[Session]
     config: Config
 
-    def write(self, fn, *, event: str | None = None, data: dict | None = None) -> Any:
+    def write(
+        self, fn, *, event: str | None = None, data: dict | None = None, what: str | None = None
+    ) -> Any:
         """Run fn(session) in a transaction fenced by this job's token, with an audit event.
 
-        A fenced-out holder's write is refused and the refusal itself is audited.
+        A fenced-out holder's write is refused and the refusal itself is audited
+        (as a refused `what`, or `event`).
         """
         try:
             return self.run(fn, fenced=True, event=event, data=data)
         except FencedOutError as exc:
-            self._audit_refusal(exc, event)
+            self._audit_refusal(exc, what or event)
             raise
 
     def run(self, fn, *, fenced: bool = False, event: str | None = None, data=None) -> Any:
@@ -113,6 +116,14 @@ class JobContext:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def check_fence(self, refused: str) -> None:
+        """Raise FencedOutError (and audit it) unless this job's token still holds the lease."""
+        try:
+            self.run(lambda s: leases.check_fence(s, self.database_id, self.token, lock=False))
+        except FencedOutError as exc:
+            self._audit_refusal(exc, refused)
+            raise
 
     def _audit_refusal(self, exc: FencedOutError, event: str | None) -> None:
         """Say in the audit log that a stale holder tried to write, and was refused."""
@@ -508,10 +519,19 @@ class _Plan:
 
 def _run_in_child(parent_ctx: JobContext) -> None:
     config = parent_ctx.config
-    # Never touch the parent's pooled connections: a new engine for this process.
-    sessions = make_sessionmaker(make_engine(config.database_url, pooled=False))
+    # Never touch the parent's pooled connections: a new engine for this process,
+    # pooled so that its transactions share one connection.
+    engine = make_engine(config.database_url)
+    sessions = make_sessionmaker(engine)
     outbox.attach(sessions, config, background=True)
     ctx = JobContext(**{**parent_ctx.__dict__, "sessions": sessions})
+    try:
+        _run_child_job(ctx, config)
+    finally:
+        engine.dispose()
+
+
+def _run_child_job(ctx: JobContext, config: Config) -> None:
     url: URL | None = None
     try:
 
@@ -589,6 +609,12 @@ def materialize_bundle(ctx: JobContext, bundle: Bundle, cache_dir: Path) -> Path
     return final
 
 
+# Steps that follow each other faster than this share one state transaction:
+# a 30-revision chain costs one write instead of 30, while a slow migration
+# still shows each step as it lands.
+STEP_FLUSH_S = 0.25
+
+
 @dataclass
 class _StepRecorder:
     ctx: JobContext
@@ -598,10 +624,38 @@ class _StepRecorder:
     applied: int = 0
     boundary: float = 0.0
     boundary_at: Any = None
+    # Step records not written yet, and when they last were (see STEP_FLUSH_S).
+    pending: list[Any] = field(default_factory=list)
+    flushed_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    flusher: threading.Thread | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
+        """Before Alembic runs: also start writing buffered steps in the background."""
         self.boundary = time.perf_counter()
         self.boundary_at = utcnow()
+        self.flushed_at = time.monotonic()
+        self.stopping.clear()
+        self.flusher = threading.Thread(target=self._flush_late, name="steps", daemon=True)
+        self.flusher.start()
+
+    def stop(self) -> None:
+        """After Alembic ran: no background writes from here on."""
+        self.stopping.set()
+        if self.flusher is not None:
+            self.flusher.join()
+            self.flusher = None
+
+    def _flush_late(self) -> None:
+        # A step buffered while the next one takes its time (a long revision)
+        # is written within STEP_FLUSH_S anyway, not only when that one ends.
+        while not self.stopping.wait(STEP_FLUSH_S / 2):
+            if self.pending and time.monotonic() - self.flushed_at >= STEP_FLUSH_S:
+                try:
+                    self.flush()
+                except Exception as exc:  # noqa: BLE001 - the next step's check decides
+                    log.warning("job %s: writing steps failed: %s", self.ctx.job_id, exc)
 
     def on_sql(self, conn, cursor, statement, parameters, context, executemany) -> None:
         text = statement.strip()
@@ -622,11 +676,19 @@ class _StepRecorder:
         sql, self.statements = self.statements, []
         now = time.perf_counter()
         started_at, self.boundary_at = self.boundary_at, utcnow()
+        finished_at = self.boundary_at
         duration = (now - self.boundary) * 1000
         self.boundary = now
         doc = step.up_revision.doc if step.up_revision is not None else None
         sha = self.sha_by_revision.get(revisions[0]) if revisions else None
         is_upgrade = step.is_upgrade
+        data = {
+            "revisions": revisions,
+            "direction": direction,
+            "duration_ms": round(duration, 3),
+            "statements": len(sql),
+            "sha256": sha,
+        }
 
         def record(s: Session):
             s.add(
@@ -640,7 +702,7 @@ class _StepRecorder:
                     sha256=sha,
                     fencing_token=self.ctx.token,
                     started_at=started_at,
-                    finished_at=self.boundary_at,
+                    finished_at=finished_at,
                     duration_ms=duration,
                 )
             )
@@ -662,19 +724,32 @@ class _StepRecorder:
                             applied_at=utcnow(),
                         )
                     )
+            self.ctx.audit(s, "step.applied", data)
 
-        self.ctx.write(
-            record,
-            event="step.applied",
-            data={
-                "revisions": revisions,
-                "direction": direction,
-                "duration_ms": round(duration, 3),
-                "statements": len(sql),
-                "sha256": sha,
-            },
-        )
+        if time.monotonic() - self.flushed_at >= STEP_FLUSH_S:
+            # A slow migration: record this step now (fenced), so it shows at once.
+            with self.lock:
+                self.pending.append(record)
+            self.flush()
+        else:
+            # Fast steps: check the fence before this COMMIT, write the records
+            # together a little later (or with the job's end), fenced again then.
+            self.ctx.check_fence("step.applied")
+            with self.lock:
+                self.pending.append(record)
         self.applied += 1
+
+    def write_pending(self, s: Session) -> None:
+        """Write the buffered step records in the caller's (fenced) transaction."""
+        for record in self.pending:  # kept until committed: the write may be retried
+            record(s)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.pending:
+                self.ctx.write(self.write_pending, what="step.applied")
+                self.pending.clear()
+            self.flushed_at = time.monotonic()
 
 
 class _TargetLost(Exception):
@@ -779,6 +854,8 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> Non
         if not ctx.write(start):
             return  # cancelled while waiting: nothing was touched
         from_heads = plan.from_heads if plan.from_heads is not None else heads
+        if resumed and plan.action == "upgrade" and plan.from_heads is not None:
+            _record_lost_steps(ctx, script, plan.from_heads, heads, sha_by_revision)
         _check_checksums(ctx, sha_by_revision, heads)
         recorder = _StepRecorder(ctx, sha_by_revision, url)
         reconnects = 0
@@ -787,12 +864,14 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> Non
                 _run_alembic(ctx, link.conn, url, script, plan, recorder)
                 break
             except _TargetLost as lost:
+                recorder.flush()  # the steps committed before the loss
                 reconnects += 1
                 _reconnect(ctx, link, url, lost, reconnects)
         to_heads = targets.read_heads(link.conn, ctx.settings)
         link.conn.commit()
 
         def succeed(s: Session):
+            recorder.write_pending(s)
             ctx.finish(
                 s,
                 {"state": "succeeded", "to_heads": to_heads},
@@ -809,6 +888,66 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> Non
             pass
         link.conn.close()
         link.engine.dispose()
+
+
+def _record_lost_steps(ctx, script, from_heads, heads, sha_by_revision) -> None:
+    """Record the steps an earlier attempt committed on the target but not in Retort.
+
+    Steps are written in batches (STEP_FLUSH_S); a worker lost within that window
+    leaves the target ahead of the job's records. The target's version table is
+    the truth: record what it says was applied, and say how it was learned.
+    """
+    try:
+        now = [r.revision for r in script.revision_map.iterate_revisions(tuple(heads), ())]
+        before = {r.revision for r in script.revision_map.iterate_revisions(tuple(from_heads), ())}
+    except Exception:  # noqa: BLE001 - heads outside this bundle: the checksum check says so
+        return
+
+    def record(s: Session) -> None:
+        recorded = {
+            rev
+            for revs in s.scalars(
+                select(JobStep.revisions).where(
+                    JobStep.job_id == ctx.job_id,
+                    JobStep.state == "applied",
+                    JobStep.direction == "up",
+                )
+            )
+            for rev in revs
+        }
+        for rev in reversed(now):  # oldest first
+            if rev in before or rev in recorded:
+                continue
+            at = utcnow()
+            doc = script.get_revision(rev).doc
+            s.add(
+                JobStep(
+                    job_id=ctx.job_id,
+                    revisions=[rev],
+                    direction="up",
+                    state="applied",
+                    message=f"{doc} (recorded on recovery: applied by an earlier attempt "
+                    "whose worker was lost before recording it)",
+                    sql=[],
+                    sha256=sha_by_revision.get(rev),
+                    fencing_token=ctx.token,
+                    started_at=at,
+                    finished_at=at,
+                    duration_ms=0.0,
+                )
+            )
+            s.merge(
+                AppliedRevision(
+                    database_id=ctx.database_id,
+                    revision=rev,
+                    sha256=sha_by_revision.get(rev, ""),
+                    job_id=ctx.job_id,
+                    applied_at=at,
+                )
+            )
+            ctx.audit(s, "step.recovered", {"revisions": [rev], "direction": "up"})
+
+    ctx.write(record)
 
 
 def _reconnect(ctx: JobContext, link: _Link, url: URL, lost: _TargetLost, count: int) -> None:
@@ -1016,6 +1155,7 @@ def _run_alembic(ctx, conn, url, script, plan: _Plan, recorder: _StepRecorder) -
             ctx, conn, url, planned[recorder.applied - base :], recorder, exc
         ) from None
     finally:
+        recorder.stop()
         try:
             sa.event.remove(conn, "before_cursor_execute", recorder.on_sql)
         except Exception:  # noqa: BLE001 - an invalidated connection may have dropped it
@@ -1090,6 +1230,7 @@ def _step_failure(ctx, conn, url, pending, recorder: _StepRecorder, exc) -> JobF
     duration = (time.perf_counter() - recorder.boundary) * 1000 if recorder.boundary else 0.0
 
     def record(s: Session):
+        recorder.write_pending(s)
         s.add(
             JobStep(
                 job_id=ctx.job_id,

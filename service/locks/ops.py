@@ -68,18 +68,16 @@ def release(session: Session, database_id: int, token: int) -> bool:
     return bool(session.execute(stmt).rowcount)
 
 
-def check_fence(session: Session, database_id: int, token: int) -> None:
+def check_fence(session: Session, database_id: int, token: int, *, lock: bool = True) -> None:
     """Lock the lease row and raise unless `token` still holds it.
 
     Called first in every transaction that writes on behalf of a lease holder,
     so a takeover either happens before (and the write is refused) or waits
-    until the write committed.
+    until the write committed. `lock=False` only reads: a check before a
+    target commit whose records are written later, in a locked transaction.
     """
-    current = session.execute(
-        select(Lease.token, Lease.holder_job_id)
-        .where(Lease.database_id == database_id)
-        .with_for_update()
-    ).one()
+    query = select(Lease.token, Lease.holder_job_id).where(Lease.database_id == database_id)
+    current = session.execute(query.with_for_update() if lock else query).one()
     if current.token != token or current.holder_job_id is None:
         raise FencedOutError(
             f"fencing token {token} is stale: the lease is now at token {current.token}",
