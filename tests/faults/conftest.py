@@ -317,3 +317,19 @@ def applied_log(url: str) -> list[str]:
             return sorted(r for (r,) in c.exec_driver_sql("SELECT rev FROM applied_log"))
     finally:
         engine.dispose()
+
+
+def held_database(client, tmp_path: Path, url: str) -> tuple[Hold, str]:
+    """A project of `logged_chain`, with r2 held closed, and `url` registered under it."""
+    from tests.helpers import register_db, setup_project
+
+    hold = Hold(tmp_path)
+    hold.close()
+    project, _ = setup_project(client, logged_chain(hold))
+    return hold, register_db(client, project, url)
+
+
+def start_job(client, db: str, target: str = "head") -> int:
+    r = client.post("/v1/jobs", {"database": db, "target": target})
+    assert r.status == 202, r
+    return r.body["id"]

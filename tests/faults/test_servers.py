@@ -6,7 +6,7 @@ import time
 
 import sqlalchemy as sa
 
-from tests.faults.conftest import Hold, _wait, applied_log, logged_chain
+from tests.faults.conftest import Hold, _wait, applied_log, held_database, logged_chain, start_job
 from tests.helpers import TcpProxy, chain_bundle, register_db, setup_project
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -45,12 +45,9 @@ def test_jobs_queued_when_redis_restarts_all_complete(stack, new_db, tmp_path):
 def test_state_postgres_restarted_while_a_job_runs(stack, new_db, tmp_path):
     s = stack(private_state=True)
     c = s.client
-    hold = Hold(tmp_path)
-    hold.close()
-    project, _ = setup_project(c, logged_chain(hold))
     url = new_db("postgresql")
-    db = register_db(c, project, url)
-    job_id = c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"]
+    hold, db = held_database(c, tmp_path, url)
+    job_id = start_job(c, db)
     hold.wait_entered()
     s.cluster.restart()  # every connection to Retort's state is cut
     hold.open()  # r2 now records its step into a database that just came back
@@ -63,12 +60,9 @@ def test_state_postgres_restarted_while_a_job_runs(stack, new_db, tmp_path):
 def test_state_postgres_down_longer_than_the_lease(stack, new_db, tmp_path):
     s = stack(private_state=True)
     c = s.client
-    hold = Hold(tmp_path)
-    hold.close()
-    project, _ = setup_project(c, logged_chain(hold))
     url = new_db("postgresql")
-    db = register_db(c, project, url)
-    job_id = c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"]
+    hold, db = held_database(c, tmp_path, url)
+    job_id = start_job(c, db)
     hold.wait_entered()
     s.cluster.stop()
     hold.open()
@@ -118,14 +112,11 @@ def test_target_unreachable_before_a_job(stack, new_db, tmp_path):
 def test_target_lost_during_a_job_and_gone_for_good(stack, new_db, tmp_path):
     s = stack(connect_attempts=3, connect_backoff_s=0.2)
     c = s.client
-    hold = Hold(tmp_path)
-    hold.close()
     direct, proxied, proxy = _proxied_pg(new_db)
-    project, _ = setup_project(c, logged_chain(hold))
-    db = register_db(c, project, proxied)
+    hold, db = held_database(c, tmp_path, proxied)
     proxy.start()
     try:
-        job_id = c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"]
+        job_id = start_job(c, db)
         hold.wait_entered()
         proxy.stop()  # mid-r2, and it does not come back
         hold.open()
@@ -148,14 +139,11 @@ def test_target_lost_during_a_job_and_gone_for_good(stack, new_db, tmp_path):
 def test_target_lost_during_a_job_and_back_soon_resumes(stack, new_db, tmp_path):
     s = stack(connect_attempts=5, connect_backoff_s=0.5)
     c = s.client
-    hold = Hold(tmp_path)
-    hold.close()
     direct, proxied, proxy = _proxied_pg(new_db)
-    project, _ = setup_project(c, logged_chain(hold))
-    db = register_db(c, project, proxied)
+    hold, db = held_database(c, tmp_path, proxied)
     proxy.start()
     try:
-        job_id = c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"]
+        job_id = start_job(c, db)
         hold.wait_entered()
         proxy.stop()
         hold.open()

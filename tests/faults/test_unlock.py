@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tests.faults.conftest import Hold, _wait, applied_log, logged_chain
-from tests.helpers import register_db, setup_project
+from tests.faults.conftest import _wait, applied_log, held_database, start_job
 
 
 def test_unlock_is_refused_while_the_holder_is_alive_then_frees_a_dead_ones_lease(
@@ -12,12 +11,9 @@ def test_unlock_is_refused_while_the_holder_is_alive_then_frees_a_dead_ones_leas
     # No sweeper in this stack: nothing recovers the job but the admin.
     s = stack(workers=("w1",), beat=False)
     c = s.client
-    hold = Hold(tmp_path)
-    hold.close()
-    project, _ = setup_project(c, logged_chain(hold))
     url = new_db("postgresql")
-    db = register_db(c, project, url)
-    job_id = c.post("/v1/jobs", {"database": db, "target": "head"}).body["id"]
+    hold, db = held_database(c, tmp_path, url)
+    job_id = start_job(c, db)
     hold.wait_entered()
 
     r = c.post(f"/v1/databases/{db}/unlock")

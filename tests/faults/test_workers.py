@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import Hold, _wait, applied_log, logged_chain
-from tests.helpers import register_db, setup_project
+from tests.faults.conftest import _wait, applied_log, held_database, start_job
 
 
 def _events(c, job_id: int) -> list[dict]:
@@ -24,16 +23,12 @@ def _steps_by_revision(job: dict) -> dict[str, list[dict]]:
 
 
 def _start_held_job(s, new_db, tmp_path, dialect: str):
-    hold = Hold(tmp_path)
-    hold.close()
     c = s.client
-    project, _ = setup_project(c, logged_chain(hold))
     url = new_db(dialect)
-    db = register_db(c, project, url)
-    r = c.post("/v1/jobs", {"database": db, "target": "head"})
-    assert r.status == 202, r
+    hold, db = held_database(c, tmp_path, url)
+    job_id = start_job(c, db)
     hold.wait_entered()
-    job = c.get(f"/v1/jobs/{r.body['id']}").body
+    job = c.get(f"/v1/jobs/{job_id}").body
     assert job["state"] == "running", job
     return c, hold, url, db, job
 
