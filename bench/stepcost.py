@@ -45,7 +45,7 @@ def measure(state_url: str, job_id: int, n: int, pooled: bool) -> dict:
     from service.databases.models import AppliedRevision
     from service.db import make_engine, make_sessionmaker, transaction, utcnow
     from service.jobs.models import Job, JobStep
-    from service.jobs.runner import JobContext
+    from service.jobs.runner import JobContext, LeaseClock
     from service.locks import ops as leases
 
     engine = make_engine(state_url, pooled=pooled)
@@ -101,6 +101,7 @@ def measure(state_url: str, job_id: int, n: int, pooled: bool) -> dict:
                 "RETORT_DATA_DIR": "/tmp",
             }
         ),
+        LeaseClock(),
     )
 
     def record(s, i):

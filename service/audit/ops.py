@@ -7,7 +7,8 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import event as sa_event
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service.audit.models import AuditEvent, AuditHead
@@ -22,20 +23,26 @@ def _event_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _hashed_fields(event: AuditEvent) -> dict[str, Any]:
-    ts = event.ts if event.ts.tzinfo else event.ts.replace(tzinfo=dt.UTC)
+def _hashed_fields(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:
+    get = event.get if isinstance(event, dict) else lambda name: getattr(event, name)
+    ts = get("ts")
+    ts = ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
     return {
-        "seq": event.seq,
+        "seq": get("seq"),
         "ts": ts.astimezone(dt.UTC).isoformat(timespec="microseconds"),
-        "actor": event.actor,
-        "action": event.action,
-        "project": event.project,
-        "database": event.database,
-        "job_id": event.job_id,
-        "fencing_token": event.fencing_token,
-        "data": event.data,
-        "prev_hash": event.prev_hash,
+        "actor": get("actor"),
+        "action": get("action"),
+        "project": get("project"),
+        "database": get("database"),
+        "job_id": get("job_id"),
+        "fencing_token": get("fencing_token"),
+        "data": get("data"),
+        "prev_hash": get("prev_hash"),
     }
+
+
+# session.info key: events recorded in this transaction, appended when it commits.
+PENDING = "retort.audit_pending"
 
 
 def record_event(
@@ -48,33 +55,65 @@ def record_event(
     job_id: int | None = None,
     fencing_token: int | None = None,
     data: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Append one event to the chain inside the caller's transaction.
+) -> None:
+    """Record one event, appended to the chain when the caller's transaction commits.
+
+    Events commit or roll back with the transaction that reports them. A
+    transaction's events are appended together (see _append_pending), so the
+    chain's head row is locked once per transaction, for its last moments only,
+    however many events it carries: a 30-revision job's steps cost one append.
+    """
+    session.info.setdefault(PENDING, []).append(
+        {
+            "actor": actor,
+            "action": action,
+            "project": project,
+            "database": database,
+            "job_id": job_id,
+            "fencing_token": fencing_token,
+            # A JSON round trip now: what is hashed is what is stored and read back.
+            "data": json.loads(json.dumps(data or {}, default=str)),
+        }
+    )
+
+
+@sa_event.listens_for(Session, "before_commit")
+def _append_pending(session: Session) -> None:
+    """Append the transaction's events to the chain, in the order they were recorded.
 
     The UPDATE of the head row comes first: it takes the row lock (PostgreSQL)
     or the write lock (SQLite) so concurrent appenders get one total order.
     """
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1))
-    seq, prev_hash = session.execute(
-        select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)
-    ).one()
-    event = AuditEvent(
-        seq=seq,
-        ts=utcnow(),
-        actor=actor,
-        action=action,
-        project=project,
-        database=database,
-        job_id=job_id,
-        fencing_token=fencing_token,
-        data=json.loads(json.dumps(data or {}, default=str)),
-        prev_hash=prev_hash,
-    )
-    event.hash = _event_hash(_hashed_fields(event))
-    session.add(event)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=event.hash))
-    enqueue_deliveries(session, action, project, job_id)
-    return event
+    pending = session.info.pop(PENDING, None)
+    if not pending:
+        return
+    n = len(pending)
+    bump = update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + n)
+    if session.get_bind().dialect.update_returning:
+        seq, prev_hash = session.execute(bump.returning(AuditHead.seq, AuditHead.hash)).one()
+    else:
+        session.execute(bump)
+        seq, prev_hash = session.execute(
+            select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)
+        ).one()
+    ts = utcnow()
+    rows = []
+    for i, fields in enumerate(pending):
+        row = {**fields, "seq": seq - n + 1 + i, "ts": ts, "prev_hash": prev_hash}
+        row["hash"] = prev_hash = _event_hash(_hashed_fields(row))
+        rows.append(row)
+    session.execute(insert(AuditEvent), rows)
+    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash))
+    hooks: dict[str, list] = {}
+    for row in rows:
+        enqueue_deliveries(session, row["action"], row["project"], row["job_id"], hooks)
+
+
+@sa_event.listens_for(Session, "after_transaction_end")
+def _drop_pending(session: Session, transaction) -> None:
+    # Committed events were taken by _append_pending; any left were rolled back.
+    if transaction.parent is None:
+        session.info.pop(PENDING, None)
 
 
 def verify_chain(session: Session, batch: int = 5000) -> dict[str, Any]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -26,7 +28,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,6 +65,32 @@ class JobFailure(Exception):
 _STATE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError)
 
 
+class LeaseClock:
+    """When this job's lease was last granted or renewed, shared with its forked child.
+
+    A lease granted or renewed by a statement sent at local time T expires no
+    earlier than T + TTL on the state database's clock (its expiry is computed
+    there, after T), and nobody else can take it before that. So until
+    T + TTL/2 the holder knows it still holds the lease without asking; the
+    half TTL covers clock-rate drift and the moment between check and commit.
+    A process frozen past that (SIGSTOP, a VM pause) falls back to the lease
+    row and is fenced out there. CLOCK_MONOTONIC is one clock for every
+    process of the machine, so the pool process's heartbeat can tell the
+    migration child through a shared page.
+    """
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, 8)  # anonymous and shared: survives fork
+        self._page[:] = struct.pack("d", float("-inf"))
+
+    def renewed(self, sent: float) -> None:
+        self._page[:] = struct.pack("d", sent)
+
+    def surely_held(self, ttl: float) -> bool:
+        (sent,) = struct.unpack("d", self._page[:])
+        return time.monotonic() < sent + ttl / 2
+
+
 @dataclass
 class JobContext:
     job_id: int
@@ -73,6 +101,7 @@ class JobContext:
     token: int
     sessions: sessionmaker[Session]
     config: Config
+    clock: LeaseClock
 
     def write(
         self, fn, *, event: str | None = None, data: dict | None = None, what: str | None = None
@@ -118,7 +147,13 @@ class JobContext:
                 delay = min(delay * 2, 2.0)
 
     def check_fence(self, refused: str) -> None:
-        """Raise FencedOutError (and audit it) unless this job's token still holds the lease."""
+        """Raise FencedOutError (and audit it) unless this job's token still holds the lease.
+
+        Within half a TTL of a grant or renewal the lease cannot have passed to
+        anyone (see LeaseClock): no query. Past that, the lease row decides.
+        """
+        if self.clock.surely_held(self.config.lease_ttl_s):
+            return
         try:
             self.run(lambda s: leases.check_fence(s, self.database_id, self.token, lock=False))
         except FencedOutError as exc:
@@ -206,7 +241,10 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             )
         return "not_claimed"
     worker = f"{os.uname().nodename}:{os.getpid()}"
+    clock = LeaseClock()
     with transaction(sessions) as s:
+        # One transaction claims the job, reads what the migration needs and,
+        # when the database is free (the usual case), takes its lease.
         dialect = s.bind.dialect.name
         claimed = s.execute(
             update(Job)
@@ -218,27 +256,40 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             )
         ).rowcount
         if not claimed:
-            job = s.get(Job, job_id)
-            log.info("job %s not claimed (state %s)", job_id, job.state if job else "missing")
+            state = s.scalar(select(Job.state).where(Job.id == job_id))
+            log.info("job %s not claimed (state %s)", job_id, state or "missing")
             return "not_claimed"
-        job = s.get(Job, job_id)
-        db = s.get(Database, job.database_id)
-        project = s.get(Project, job.project_id)
+        job, db_name, url_encrypted, project_name, settings = s.execute(
+            select(Job, Database.name, Database.url_encrypted, Project.name, Project.settings)
+            .join(Database, Database.id == Job.database_id)
+            .join(Project, Project.id == Job.project_id)
+            .where(Job.id == job_id)
+        ).one()
         record_event(
             s,
             "job.claimed",
             actor="worker",
-            project=project.name,
-            database=db.name,
+            project=project_name,
+            database=db_name,
             job_id=job_id,
             data={"worker": worker, "attempt": job.attempt},
         )
-        database_id, db_name, project_name = db.id, db.name, project.name
-
-    ctx = JobContext(
-        job_id, database_id, db_name, project_name, project.settings, 0, sessions, config
-    )
-    if not _acquire_lease(ctx, worker):
+        target = job.resolved_target or job.target
+        plan = _Plan(
+            action=job.action,
+            target=target,
+            relative=_is_relative(target),
+            attempt=job.attempt,
+            previously_started=job.started_at is not None,
+            from_heads=job.from_heads,
+            bundle=_bundle(s, job.bundle_pk),
+            url_encrypted=url_encrypted,
+        )
+        ctx = JobContext(
+            job_id, job.database_id, db_name, project_name, settings, 0, sessions, config, clock
+        )
+        granted = _try_lease(s, ctx, worker, time.monotonic(), first=True)
+    if not granted and not _acquire_lease(ctx, worker):
         return "not_started"
 
     pid = os.fork()
@@ -249,7 +300,8 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             _die_with_parent()
-            _run_in_child(ctx)
+            ended = _run_in_child(ctx, plan)
+            code = 0 if ended else 3
         except BaseException as exc:  # noqa: BLE001 - the parent records the crash
             print(f"job {job_id}: migration process failed: {type(exc).__name__}", file=sys.stderr)
             code = 70
@@ -308,6 +360,35 @@ def _kill(pid: int) -> None:
         pass
 
 
+def _try_lease(s: Session, ctx: JobContext, worker: str, started: float, first: bool = False):
+    """Try for the lease in the caller's transaction; True once granted, else its holder's job.
+
+    On the grant, the token is written on the job in the same transaction.
+    """
+    sent = time.monotonic()
+    ttl = ctx.config.lease_ttl_s
+    token, holder = leases.try_acquire(s, ctx.database_id, ctx.job_id, worker, ttl)
+    if token is None:
+        if first and holder is not None:
+            s.execute(update(Job).where(Job.id == ctx.job_id).values(waiting_on_job_id=holder))
+        return holder
+    waited_ms = int((time.monotonic() - started) * 1000)
+    s.execute(
+        update(Job)
+        .where(Job.id == ctx.job_id)
+        .values(
+            waiting_on_job_id=None,
+            fencing_token=token,
+            lock_waited_ms=waited_ms,
+            claim_expires_at=None,
+        )
+    )
+    ctx.token = token
+    ctx.clock.renewed(sent)
+    ctx.audit(s, "lease.granted", {"waited_ms": waited_ms, "ttl_s": ttl})
+    return True
+
+
 def _acquire_lease(ctx: JobContext, worker: str) -> bool:
     """Wait for the lease; on the grant, record the token on the job in the same transaction.
 
@@ -329,21 +410,8 @@ def _acquire_lease(ctx: JobContext, worker: str) -> bool:
             if state != "waiting_for_lock":
                 log.info("job %s left waiting_for_lock (%s) before it got the lease", job_id, state)
                 return False
-            token, holder = leases.try_acquire(s, ctx.database_id, job_id, worker, ttl)
-            if token is not None:
-                waited_ms = int((time.monotonic() - started) * 1000)
-                s.execute(
-                    update(Job)
-                    .where(Job.id == job_id)
-                    .values(
-                        waiting_on_job_id=None,
-                        fencing_token=token,
-                        lock_waited_ms=waited_ms,
-                        claim_expires_at=None,
-                    )
-                )
-                ctx.token = token
-                ctx.audit(s, "lease.granted", {"waited_ms": waited_ms, "ttl_s": ttl})
+            holder = _try_lease(s, ctx, worker, started)
+            if holder is True:
                 return True
             values: dict[str, Any] = {}
             if holder != announced_holder:
@@ -428,9 +496,12 @@ def _heartbeat(
         if time.monotonic() < next_renewal:
             continue
         next_renewal = time.monotonic() + ttl / 3
+        sent = time.monotonic()
         try:
             with transaction(ctx.sessions) as s:
                 ok = leases.renew(s, ctx.database_id, ctx.token, ttl)
+            if ok:
+                ctx.clock.renewed(sent)
         except Exception:  # noqa: BLE001 - state DB blip: try again until the TTL is spent
             log.exception("job %s: lease renewal failed", ctx.job_id)
             if time.monotonic() - last_ok < ttl * 0.9:
@@ -459,6 +530,8 @@ def _heartbeat(
 
 def _finalize(ctx: JobContext, exit_code: int, lost: bool, stopped: bool) -> None:
     """After the child: end or hand over a job the child could not finish, free the lease."""
+    if exit_code == 0 and not (lost or stopped):
+        return  # the child ended the job and released the lease itself
     state = ctx.run(lambda s: s.scalar(select(Job.state).where(Job.id == ctx.job_id)))
     if state in FINAL_STATES:
         return  # the child ended the job and released the lease itself
@@ -515,9 +588,38 @@ class _Plan:
     attempt: int
     previously_started: bool
     from_heads: list[str] | None
+    bundle: _BundleInfo
+    url_encrypted: str
 
 
-def _run_in_child(parent_ctx: JobContext) -> None:
+@dataclass(frozen=True)
+class _BundleInfo:
+    pk: int
+    digest: str
+    versions_path: str
+    revisions: list[dict[str, Any]]
+
+
+# Bundles are immutable: what a job needs of one is read once per process.
+_bundles: dict[int, _BundleInfo] = {}
+_MAX_BUNDLES = 256
+
+
+def _bundle(s: Session, pk: int) -> _BundleInfo:
+    info = _bundles.get(pk)
+    if info is None:
+        row = s.execute(
+            select(Bundle.digest, Bundle.versions_path, Bundle.revisions).where(Bundle.pk == pk)
+        ).one()
+        info = _BundleInfo(pk, row.digest, row.versions_path, row.revisions)
+        if len(_bundles) >= _MAX_BUNDLES:
+            _bundles.pop(next(iter(_bundles)))
+        _bundles[pk] = info
+    return info
+
+
+def _run_in_child(parent_ctx: JobContext, plan: _Plan) -> bool:
+    """Run the migration; return whether this process ended the job (succeeded or failed)."""
     config = parent_ctx.config
     # Never touch the parent's pooled connections: a new engine for this process,
     # pooled so that its transactions share one connection.
@@ -526,47 +628,31 @@ def _run_in_child(parent_ctx: JobContext) -> None:
     outbox.attach(sessions, config, background=True)
     ctx = JobContext(**{**parent_ctx.__dict__, "sessions": sessions})
     try:
-        _run_child_job(ctx, config)
+        return _run_child_job(ctx, config, plan)
     finally:
         engine.dispose()
 
 
-def _run_child_job(ctx: JobContext, config: Config) -> None:
+def _run_child_job(ctx: JobContext, config: Config, plan: _Plan) -> bool:
     url: URL | None = None
     try:
-
-        def load(s: Session):
-            job = s.get(Job, ctx.job_id)
-            db = s.get(Database, ctx.database_id)
-            bundle = s.get(Bundle, job.bundle_pk)
-            s.expunge(bundle)
-            target = job.resolved_target or job.target
-            plan = _Plan(
-                action=job.action,
-                target=target,
-                relative=_is_relative(target),
-                attempt=job.attempt,
-                previously_started=job.started_at is not None,
-                from_heads=job.from_heads,
-            )
-            return db.url_encrypted, bundle, plan
-
-        url_encrypted, bundle, plan = ctx.run(load)
-        url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(url_encrypted))
-        bundle_dir = materialize_bundle(ctx, bundle, config.bundle_cache_dir)
-        _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions)
+        url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(plan.url_encrypted))
+        bundle_dir = materialize_bundle(ctx, plan.bundle, config.bundle_cache_dir)
+        bundle = plan.bundle
+        return _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions)
     except FencedOutError as exc:
         log.error("job %s: %s; its writes stop here", ctx.job_id, exc)
     except JobFailure as exc:
-        _fail(ctx, exc.error, url)
+        return _fail(ctx, exc.error, url)
     except Exception as exc:  # noqa: BLE001 - any other error ends the job with its reason
         message = targets.scrub(f"{type(exc).__name__}: {exc}", url)
         log.error("job %s failed unexpectedly: %s", ctx.job_id, message)
-        _fail(
+        return _fail(
             ctx,
             {"code": "internal_error", "message": message, "revision": None, "statement": None},
             url,
         )
+    return False
 
 
 def _is_relative(target: str) -> bool:
@@ -574,7 +660,7 @@ def _is_relative(target: str) -> bool:
     return bool(_RELATIVE.match(target) or re.search(r"@[+-]\d+$", target))
 
 
-def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
+def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> bool:
     error = {k: targets.scrub(v, url) if isinstance(v, str) else v for k, v in error.items()}
 
     def mark(s: Session):
@@ -582,11 +668,13 @@ def _fail(ctx: JobContext, error: dict[str, Any], url: URL | None) -> None:
 
     try:
         ctx.write(mark)
+        return True
     except FencedOutError as exc:
         log.error("job %s: %s; not recording its failure", ctx.job_id, exc)
+        return False
 
 
-def materialize_bundle(ctx: JobContext, bundle: Bundle, cache_dir: Path) -> Path:
+def materialize_bundle(ctx: JobContext, bundle: _BundleInfo, cache_dir: Path) -> Path:
     """Write a bundle's files under the cache directory once (atomic rename)."""
     final = cache_dir / bundle.digest
     if final.is_dir():
@@ -690,41 +778,20 @@ class _StepRecorder:
             "sha256": sha,
         }
 
-        def record(s: Session):
-            s.add(
-                JobStep(
-                    job_id=self.ctx.job_id,
-                    revisions=revisions,
-                    direction=direction,
-                    state="applied",
-                    message=doc,
-                    sql=sql,
-                    sha256=sha,
-                    fencing_token=self.ctx.token,
-                    started_at=started_at,
-                    finished_at=finished_at,
-                    duration_ms=duration,
-                )
-            )
-            if not is_upgrade:
-                s.execute(
-                    delete(AppliedRevision).where(
-                        AppliedRevision.database_id == self.ctx.database_id,
-                        AppliedRevision.revision.in_(revisions),
-                    )
-                )
-            else:
-                for rev in revisions:
-                    s.merge(
-                        AppliedRevision(
-                            database_id=self.ctx.database_id,
-                            revision=rev,
-                            sha256=self.sha_by_revision.get(rev, ""),
-                            job_id=self.ctx.job_id,
-                            applied_at=utcnow(),
-                        )
-                    )
-            self.ctx.audit(s, "step.applied", data)
+        record = {
+            "job_id": self.ctx.job_id,
+            "revisions": revisions,
+            "direction": direction,
+            "state": "applied",
+            "message": doc,
+            "sql": sql,
+            "sha256": sha,
+            "fencing_token": self.ctx.token,
+            "started_at": started_at,
+            "finished_at": finished_at,
+            "duration_ms": duration,
+        }
+        record["_upgrade"], record["_event"] = is_upgrade, data
 
         if time.monotonic() - self.flushed_at >= STEP_FLUSH_S:
             # A slow migration: record this step now (fenced), so it shows at once.
@@ -740,9 +807,43 @@ class _StepRecorder:
         self.applied += 1
 
     def write_pending(self, s: Session) -> None:
-        """Write the buffered step records in the caller's (fenced) transaction."""
-        for record in self.pending:  # kept until committed: the write may be retried
-            record(s)
+        """Write the buffered step records in the caller's (fenced) transaction.
+
+        A few statements whatever the number of steps: the steps in one INSERT,
+        the checksums of what is now applied in one DELETE and one INSERT.
+        """
+        if not self.pending:  # kept until committed: the write may be retried
+            return
+        applied: dict[str, dict[str, Any]] = {}
+        unapplied: set[str] = set()
+        steps = []
+        for record in self.pending:
+            row = {k: v for k, v in record.items() if not k.startswith("_")}
+            steps.append(row)
+            for rev in row["revisions"]:
+                if record["_upgrade"]:
+                    unapplied.discard(rev)
+                    applied[rev] = {
+                        "database_id": self.ctx.database_id,
+                        "revision": rev,
+                        "sha256": self.sha_by_revision.get(rev, ""),
+                        "job_id": self.ctx.job_id,
+                        "applied_at": row["finished_at"],
+                    }
+                else:
+                    applied.pop(rev, None)
+                    unapplied.add(rev)
+            self.ctx.audit(s, "step.applied", record["_event"])
+        s.execute(insert(JobStep), steps)
+        if applied or unapplied:
+            s.execute(
+                delete(AppliedRevision).where(
+                    AppliedRevision.database_id == self.ctx.database_id,
+                    AppliedRevision.revision.in_(sorted(unapplied | set(applied))),
+                )
+            )
+        if applied:
+            s.execute(insert(AppliedRevision), list(applied.values()))
 
     def flush(self) -> None:
         with self.lock:
@@ -818,7 +919,7 @@ def _prepare(ctx: JobContext, link: _Link, url: URL) -> tuple[int, list[str]]:
     return waited_ms, heads
 
 
-def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> None:
+def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> bool:
     sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
     root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
     script = _load_scripts(root, bundle_dir / versions_path)
@@ -844,19 +945,21 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> Non
                 .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
                 .values(**values)
             ).rowcount
-            if count:
-                data = {"target_lock_waited_ms": waited_ms, "current_heads": heads}
-                if resumed:
-                    data["attempt"] = plan.attempt
-                ctx.audit(s, "job.resumed" if resumed else "job.started", data)
-            return count
+            if not count:
+                return None
+            data = {"target_lock_waited_ms": waited_ms, "current_heads": heads}
+            if resumed:
+                data["attempt"] = plan.attempt
+            ctx.audit(s, "job.resumed" if resumed else "job.started", data)
+            return _applied_checksums(s, ctx.database_id)
 
-        if not ctx.write(start):
-            return  # cancelled while waiting: nothing was touched
+        applied = ctx.write(start)
+        if applied is None:
+            return False  # cancelled while waiting: nothing was touched
         from_heads = plan.from_heads if plan.from_heads is not None else heads
         if resumed and plan.action == "upgrade" and plan.from_heads is not None:
             _record_lost_steps(ctx, script, plan.from_heads, heads, sha_by_revision)
-        _check_checksums(ctx, sha_by_revision, heads)
+        _check_checksums(sha_by_revision, applied, heads)
         recorder = _StepRecorder(ctx, sha_by_revision, url)
         reconnects = 0
         while True:
@@ -880,6 +983,7 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> Non
             )
 
         ctx.write(succeed)
+        return True
     finally:
         try:
             link.conn.rollback()
@@ -1043,11 +1147,14 @@ def _refuse_blind_resume(script: ScriptDirectory, plan: _Plan, heads: list[str])
         )
 
 
-def _check_checksums(ctx: JobContext, sha_by_revision: dict[str, str], current: list[str]):
+def _applied_checksums(s: Session, database_id: int) -> dict[str, str]:
     query = select(AppliedRevision.revision, AppliedRevision.sha256).where(
-        AppliedRevision.database_id == ctx.database_id
+        AppliedRevision.database_id == database_id
     )
-    applied = dict(ctx.run(lambda s: s.execute(query).tuples().all()))
+    return dict(s.execute(query).tuples().all())
+
+
+def _check_checksums(sha_by_revision: dict[str, str], applied: dict[str, str], current: list[str]):
     changed = sorted(
         rev
         for rev, sha in applied.items()

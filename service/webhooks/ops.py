@@ -110,23 +110,31 @@ def list_deliveries(
     return rows, rows[-1].id if more else None
 
 
-def enqueue_deliveries(session: Session, event: str, project: str | None, job_id: int | None):
+def enqueue_deliveries(
+    session: Session,
+    event: str,
+    project: str | None,
+    job_id: int | None,
+    known: dict[str, list[Webhook]] | None = None,
+):
     """Write one delivery per subscribed webhook, in the caller's transaction (an outbox).
 
     Called for every audit event: the delivery commits or rolls back with the
     event it reports, and is sent after the commit (see webhooks.outbox).
+    `known` keeps each project's active webhooks across the events of one commit.
     """
     if event not in EVENTS or project is None or job_id is None:
         return
-    hooks = [
-        h
-        for h in session.scalars(
-            select(Webhook)
-            .join(Project, Project.id == Webhook.project_id)
-            .where(Project.name == project, Webhook.active.is_(True))
+    known = {} if known is None else known
+    if project not in known:
+        known[project] = list(
+            session.scalars(
+                select(Webhook)
+                .join(Project, Project.id == Webhook.project_id)
+                .where(Project.name == project, Webhook.active.is_(True))
+            )
         )
-        if event in h.events
-    ]
+    hooks = [h for h in known[project] if event in h.events]
     if not hooks:
         return
     from service.jobs.ops import serialize_job  # jobs.ops imports audit, which calls us
