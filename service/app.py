@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
+from service import notify
 from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
@@ -74,7 +75,12 @@ def create_app(config: Config | None = None) -> Flask:
         sessions=sessions,
         box=SecretBox(config.secret_keys),
         dispatcher=dispatcher,
-        watcher=JobWatcher(sessions, config.watch_interval_s, config.max_waiters),
+        watcher=JobWatcher(
+            sessions,
+            config.watch_interval_s,
+            config.max_waiters,
+            lambda on_job: notify.listen(config.broker_url, config.queue, on_job),
+        ),
     )
 
     from service.audit.api import bp as audit_bp

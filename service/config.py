@@ -40,6 +40,11 @@ class Config:
     # On SIGTERM a worker lets its running migration finish for this long, then
     # stops it (the target rolls back), frees the lease and hands the job over.
     shutdown_grace_s: float = 25.0
+    # Where a migration runs. "auto": in the worker's pool process, with its
+    # loaded scripts and target connections kept for the next job, unless the
+    # bundle carries helper modules (Python files that are not revisions),
+    # which get a process forked for the job alone. "fork": always fork.
+    isolation: str = "auto"
     max_bundle_bytes: int = 16 * 1024 * 1024
     max_bundle_expanded_bytes: int = 64 * 1024 * 1024
     max_bundle_files: int = 2000

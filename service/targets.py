@@ -79,8 +79,15 @@ def scrub(text: str, url: URL | None) -> str:
     return out.replace(quoted, mask_url(url))
 
 
-def make_target_engine(url: URL, connect_timeout: int, job_id: int | None = None) -> Engine:
-    """Create an engine for one job: no pool, a connect timeout, SQLite made transactional."""
+def make_target_engine(
+    url: URL, connect_timeout: int, job_id: int | None = None, pooled: bool = False
+) -> Engine:
+    """Create a target engine with a connect timeout, SQLite made transactional.
+
+    Not `pooled`: for one job, its connection closed with it. `pooled`: kept
+    by a worker process for the database's next jobs; a connection that sat
+    in the pool is pinged before use (the server may have restarted).
+    """
     dialect = dialect_of(url)
     connect_args: dict[str, Any] = {}
     if dialect == "postgresql":
@@ -92,7 +99,16 @@ def make_target_engine(url: URL, connect_timeout: int, job_id: int | None = None
         connect_args = {"connect_timeout": connect_timeout}
     elif dialect == "sqlite":
         connect_args = {"timeout": connect_timeout}
-    engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    if pooled:
+        engine = sa.create_engine(
+            url,
+            pool_size=1,
+            max_overflow=1,
+            pool_pre_ping=dialect != "sqlite",
+            connect_args=connect_args,
+        )
+    else:
+        engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
     if dialect == "sqlite":
         # SQLAlchemy's "pysqlite transactional" recipe: without it pysqlite
         # commits DDL on its own and a failed revision leaves a half-built table.
@@ -214,3 +230,21 @@ def connect_with_retries(
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def interrupt(conn: Connection, url: URL) -> None:
+    """Stop the statement running on `conn`, from another thread (the lease was lost)."""
+    dbapi_conn = conn.connection.dbapi_connection
+    dialect = dialect_of(url)
+    if dialect == "sqlite":
+        dbapi_conn.interrupt()
+    elif dialect == "postgresql":
+        dbapi_conn.cancel()
+    else:
+        # MySQL cancels a statement only from another session.
+        killer = sa.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
+        try:
+            with killer.connect() as other:
+                other.exec_driver_sql(f"KILL QUERY {int(dbapi_conn.thread_id())}")
+        finally:
+            killer.dispose()

@@ -32,9 +32,9 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import targets
+from service import notify, targets
 from service.audit.ops import record_event
-from service.bundles.models import Bundle
+from service.bundles.models import Bundle, BundleFile
 from service.bundles.ops import bundle_files
 from service.config import Config
 from service.crypto import SecretBox
@@ -91,6 +91,16 @@ class LeaseClock:
         return time.monotonic() < sent + ttl / 2
 
 
+_publisher: notify.Publisher | None = None
+
+
+def publisher(config: Config) -> notify.Publisher:
+    global _publisher
+    if _publisher is None:
+        _publisher = notify.Publisher(config.broker_url, config.queue)
+    return _publisher
+
+
 @dataclass
 class JobContext:
     job_id: int
@@ -102,6 +112,8 @@ class JobContext:
     sessions: sessionmaker[Session]
     config: Config
     clock: LeaseClock
+    # Set when the migration runs in the pool process (see _run_here).
+    halt: _Halt | None = None
 
     def write(
         self, fn, *, event: str | None = None, data: dict | None = None, what: str | None = None
@@ -133,7 +145,9 @@ class JobContext:
                     result = fn(s)
                     if event:
                         self.audit(s, event, data)
-                    return result
+                if fenced or event:
+                    self.published()
+                return result
             except _STATE_DOWN as exc:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -145,6 +159,10 @@ class JobContext:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def published(self) -> None:
+        """Tell waiting clients the job moved (after the commit that moved it)."""
+        publisher(self.config).publish(self.job_id)
 
     def check_fence(self, refused: str) -> None:
         """Raise FencedOutError (and audit it) unless this job's token still holds the lease.
@@ -288,10 +306,18 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
         ctx = JobContext(
             job_id, job.database_id, db_name, project_name, settings, 0, sessions, config, clock
         )
-        granted = _try_lease(s, ctx, worker, time.monotonic(), first=True)
+        granted = _try_lease(s, ctx, worker, time.monotonic(), first=True) is True
+    ctx.published()
     if not granted and not _acquire_lease(ctx, worker):
         return "not_started"
+    if config.isolation == "fork" or plan.bundle.helpers:
+        return _run_forked(ctx, plan)
+    return _run_here(ctx, plan)
 
+
+def _run_forked(ctx: JobContext, plan: _Plan) -> str:
+    """Run the migration in a child forked for this job alone (its helper modules stay there)."""
+    job_id = ctx.job_id
     pid = os.fork()
     if pid == 0:  # the child: run the migration, never return into Celery
         code = 0
@@ -313,33 +339,129 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
                 sys.stderr.flush()
                 os._exit(code)
 
-    lost = threading.Event()
-    stopped = threading.Event()
-    done = threading.Event()
-    wake = threading.Event()
-    _wakers.add(wake)
-    beat = threading.Thread(
-        target=_heartbeat,
-        args=(ctx, pid, lost, stopped, done, wake),
-        name=f"lease-{job_id}",
-        daemon=True,
-    )
-    beat.start()
-    if _shutdown_deadline is not None:
-        wake.set()
+    beat = _Beat(ctx, lambda: _kill(pid))
     status = None
     try:
         _, status = os.waitpid(pid, 0)
     finally:
-        done.set()
-        wake.set()
         if status is None:  # interrupted (time limit, shutdown): never orphan the child
             _kill(pid)
             _, status = os.waitpid(pid, 0)
-        beat.join()
-        _wakers.discard(wake)
-        _finalize(ctx, os.waitstatus_to_exitcode(status), lost.is_set(), stopped.is_set())
+        beat.end()
+        _finalize(ctx, os.waitstatus_to_exitcode(status), beat.lost.is_set(), beat.stopped.is_set())
     return "done"
+
+
+class _Beat:
+    """A running job's lease heartbeat (see _heartbeat), and what it saw."""
+
+    def __init__(self, ctx: JobContext, stop) -> None:
+        self.lost = threading.Event()
+        self.stopped = threading.Event()
+        self.done = threading.Event()
+        self.wake = threading.Event()
+        _wakers.add(self.wake)
+        self.thread = threading.Thread(
+            target=_heartbeat,
+            args=(ctx, stop, self.lost, self.stopped, self.done, self.wake),
+            name=f"lease-{ctx.job_id}",
+            daemon=True,
+        )
+        self.thread.start()
+        if _shutdown_deadline is not None:
+            self.wake.set()
+
+    def end(self) -> None:
+        self.done.set()
+        self.wake.set()
+        self.thread.join()
+        _wakers.discard(self.wake)
+
+
+def _run_here(ctx: JobContext, plan: _Plan) -> str:
+    """Run the migration in this process, with the scripts and target engine it keeps.
+
+    For bundles without helper modules: revision files are loaded with
+    importlib and never enter sys.modules, and nothing of the bundle is put
+    on sys.path, so no job sees another project's code. A lost lease or the
+    end of the shutdown grace cannot kill this process: they halt the job,
+    which cancels the statement running on the target and refuses every
+    further statement and commit, so the target rolls the step back.
+    """
+    ctx.halt = _Halt()
+
+    def stop() -> None:
+        ctx.halt.trigger(ctx.clock)
+        threading.Thread(
+            target=_exit_unless_halted,
+            args=(ctx, beat.done, beat.stopped),
+            name="halt",
+            daemon=True,
+        ).start()
+
+    beat = _Beat(ctx, stop)
+    ended = False
+    try:
+        ended = _run_child_job(ctx, ctx.config, plan)
+    finally:
+        beat.end()
+        _finalize(ctx, 0 if ended else 3, beat.lost.is_set(), beat.stopped.is_set())
+    return "done"
+
+
+# A halted migration gets this long to reach its next statement or commit (both
+# refused once halted); revision code that runs on without either (a sleep, a
+# loop) cannot be stopped from another thread, so the pool process ends itself,
+# as a forked child would have been killed: the target rolls the step back.
+HALT_GRACE_S = 3.0
+
+
+def _exit_unless_halted(ctx: JobContext, done: threading.Event, stopped: threading.Event) -> None:
+    if done.wait(HALT_GRACE_S):
+        return
+    log.error(
+        "job %s: its migration did not stop within %.0f s of being halted; ending this process",
+        ctx.job_id,
+        HALT_GRACE_S,
+    )
+    try:
+        _finalize(ctx, 70, lost=not stopped.is_set(), stopped=stopped.is_set())
+    finally:
+        logging.shutdown()
+        os._exit(70)
+
+
+class _Halted(Exception):
+    """The job was halted from outside (lease lost, shutdown grace over): stop, roll back."""
+
+
+class _Halt:
+    """How the heartbeat stops a migration running in the pool process itself."""
+
+    def __init__(self) -> None:
+        self.halted = False
+        self.link: _Link | None = None
+        self.url: URL | None = None
+
+    def trigger(self, clock: LeaseClock) -> None:
+        self.halted = True
+        clock.renewed(float("-inf"))  # from now on every fence check asks the lease row
+        link, url = self.link, self.url
+        if link is not None and url is not None:
+            try:
+                targets.interrupt(link.conn, url)
+            except Exception:  # noqa: BLE001 - the next statement or commit is refused anyway
+                log.exception("could not interrupt the target statement")
+
+    def check(self, ctx: JobContext) -> None:
+        """Refuse the next statement or commit of a halted job.
+
+        A stale holder's refusal is audited like any fenced-out write: the fence
+        check goes to the lease row once halted (trigger reset the clock).
+        """
+        if self.halted:
+            ctx.check_fence("step.applied")
+            raise _Halted("the job was halted")
 
 
 def _die_with_parent() -> None:
@@ -468,7 +590,7 @@ def _unclaim(ctx: JobContext, reason: str) -> None:
 
 def _heartbeat(
     ctx: JobContext,
-    pid: int,
+    stop,
     lost: threading.Event,
     stopped: threading.Event,
     done: threading.Event,
@@ -491,7 +613,7 @@ def _heartbeat(
             # back); _finalize frees the lease and hands the job over at once.
             log.warning("job %s: still running after the shutdown grace; stopping it", ctx.job_id)
             stopped.set()
-            _kill(pid)
+            stop()
             return
         if time.monotonic() < next_renewal:
             continue
@@ -514,7 +636,7 @@ def _heartbeat(
         # Lost, taken over, or past its TTL: another job may already hold the
         # database, so this migration must not go on. A job that already ended
         # released the lease itself; its child is only closing connections.
-        _kill(pid)
+        stop()
         try:
             with transaction(ctx.sessions) as s:
                 state = s.scalar(select(Job.state).where(Job.id == ctx.job_id))
@@ -598,6 +720,9 @@ class _BundleInfo:
     digest: str
     versions_path: str
     revisions: list[dict[str, Any]]
+    # Python files that are not revisions (helpers the revisions may import):
+    # such a bundle runs in a process forked for the job alone.
+    helpers: bool
 
 
 # Bundles are immutable: what a job needs of one is read once per process.
@@ -611,7 +736,14 @@ def _bundle(s: Session, pk: int) -> _BundleInfo:
         row = s.execute(
             select(Bundle.digest, Bundle.versions_path, Bundle.revisions).where(Bundle.pk == pk)
         ).one()
-        info = _BundleInfo(pk, row.digest, row.versions_path, row.revisions)
+        scripts = {r["path"] for r in row.revisions}
+        helpers = any(
+            path.endswith(".py")
+            and path not in scripts
+            and path.rpartition("/")[2] not in ("env.py", "__init__.py")
+            for path in s.scalars(select(BundleFile.path).where(BundleFile.bundle_pk == pk))
+        )
+        info = _BundleInfo(pk, row.digest, row.versions_path, row.revisions, helpers)
         if len(_bundles) >= _MAX_BUNDLES:
             _bundles.pop(next(iter(_bundles)))
         _bundles[pk] = info
@@ -642,6 +774,8 @@ def _run_child_job(ctx: JobContext, config: Config, plan: _Plan) -> bool:
         return _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions)
     except FencedOutError as exc:
         log.error("job %s: %s; its writes stop here", ctx.job_id, exc)
+    except _Halted:
+        log.warning("job %s: halted; its step was rolled back", ctx.job_id)
     except JobFailure as exc:
         return _fail(ctx, exc.error, url)
     except Exception as exc:  # noqa: BLE001 - any other error ends the job with its reason
@@ -746,6 +880,8 @@ class _StepRecorder:
                     log.warning("job %s: writing steps failed: %s", self.ctx.job_id, exc)
 
     def on_sql(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if self.ctx.halt is not None:
+            self.ctx.halt.check(self.ctx)
         text = statement.strip()
         if text == "BEGIN":  # the SQLite transactional recipe's own statement
             return
@@ -756,7 +892,9 @@ class _StepRecorder:
 
     def on_version_apply(self, ctx, step, heads, run_args) -> None:
         # Runs after the step's DDL and version-table update, before its COMMIT:
-        # a fenced-out holder raises here and the step is rolled back.
+        # a fenced-out or halted holder raises here and the step is rolled back.
+        if self.ctx.halt is not None:
+            self.ctx.halt.check(self.ctx)
         direction = "stamp" if step.is_stamp else ("up" if step.is_upgrade else "down")
         # up_revision_ids is the upper side of the step whatever its direction:
         # the revisions applied by an upgrade, unapplied by a downgrade.
@@ -869,10 +1007,48 @@ class _Link:
 
     engine: sa.Engine
     conn: Connection
+    pooled: bool = False
+
+    def close(self, clean: bool) -> None:
+        """Give the connection back; one that may still hold a session lock is dropped."""
+        if not clean:
+            try:
+                self.conn.invalidate()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.conn.close()
+        if not self.pooled:
+            self.engine.dispose()
+
+
+# Target engines kept by a pool process: one per database URL and session settings.
+_engines: dict[tuple[str, str], sa.Engine] = {}
+_MAX_ENGINES = 64
+
+
+def _target_engine(url: URL, ctx: JobContext) -> sa.Engine:
+    key = (url.render_as_string(hide_password=False), json.dumps(ctx.settings, sort_keys=True))
+    engine = _engines.pop(key, None)
+    if engine is None:
+        engine = targets.make_target_engine(url, ctx.config.connect_timeout_s, pooled=True)
+        while len(_engines) >= _MAX_ENGINES:
+            _engines.pop(next(iter(_engines))).dispose()
+    _engines[key] = engine  # most recently used last
+    return engine
+
+
+def _drop_engine(engine: sa.Engine, pooled: bool) -> None:
+    # A pooled engine stays cached; its broken connections were invalidated.
+    if not pooled:
+        engine.dispose()
 
 
 def _connect(ctx: JobContext, url: URL) -> _Link:
-    engine = targets.make_target_engine(url, ctx.config.connect_timeout_s, ctx.job_id)
+    pooled = ctx.halt is not None  # in the pool process: keep the engine for the next jobs
+    if pooled:
+        engine = _target_engine(url, ctx)
+    else:
+        engine = targets.make_target_engine(url, ctx.config.connect_timeout_s, ctx.job_id)
 
     def on_retry(attempt: int, exc: Exception) -> None:
         reason = targets.scrub(_db_message(exc), url)
@@ -885,13 +1061,13 @@ def _connect(ctx: JobContext, url: URL) -> _Link:
             engine, ctx.config.connect_attempts, ctx.config.connect_backoff_s, on_retry
         )
     except sa.exc.OperationalError as exc:
-        engine.dispose()
+        _drop_engine(engine, pooled)
         raise JobFailure(
             "target_unreachable",
             f"cannot connect to {targets.mask_url(url)} after {ctx.config.connect_attempts} "
             f"attempts: {targets.scrub(_db_message(exc), url)}",
         ) from None
-    return _Link(engine, conn)
+    return _Link(engine, conn, pooled)
 
 
 def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> int:
@@ -922,9 +1098,15 @@ def _prepare(ctx: JobContext, link: _Link, url: URL) -> tuple[int, list[str]]:
 def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> bool:
     sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
     root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
-    script = _load_scripts(root, bundle_dir / versions_path)
+    if ctx.halt is None:
+        script = _load_scripts(root, bundle_dir / versions_path, importable=True)
+    else:
+        script = _cached_scripts(plan.bundle.digest, root, bundle_dir / versions_path)
     mysql = targets.dialect_of(url) == "mysql"
     link = _connect(ctx, url)
+    if ctx.halt is not None:
+        ctx.halt.link, ctx.halt.url = link, url
+    clean = False
     try:
         waited_ms, heads = _prepare(ctx, link, url)
         if plan.attempt > 1 and plan.previously_started and mysql:
@@ -985,13 +1167,15 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> boo
         ctx.write(succeed)
         return True
     finally:
+        if ctx.halt is not None:
+            ctx.halt.link = None
         try:
             link.conn.rollback()
             targets.release_session_lock(link.conn, url, ctx.settings)
+            clean = not (ctx.halt is not None and ctx.halt.halted)
         except Exception:  # noqa: BLE001 - closing the session releases it anyway
             pass
-        link.conn.close()
-        link.engine.dispose()
+        link.close(clean)
 
 
 def _record_lost_steps(ctx, script, from_heads, heads, sha_by_revision) -> None:
@@ -1068,11 +1252,7 @@ def _reconnect(ctx: JobContext, link: _Link, url: URL, lost: _TargetLost, count:
             {"revision": lost.revision, "reason": lost.reason, "reconnect": count},
         )
     )
-    try:
-        link.conn.close()
-    except Exception:  # noqa: BLE001 - it is already gone
-        pass
-    link.engine.dispose()
+    link.close(clean=False)
     if count > ctx.config.connect_attempts:
         raise JobFailure(
             "target_unreachable",
@@ -1095,6 +1275,8 @@ def _reconnect(ctx: JobContext, link: _Link, url: URL, lost: _TargetLost, count:
         exc.error["revision"] = lost.revision
         raise
     link.engine, link.conn = fresh.engine, fresh.conn
+    if ctx.halt is not None:
+        ctx.halt.link = link
     _, heads = _prepare(ctx, link, url)
     if lost.partial:
         raise JobFailure(
@@ -1180,9 +1362,25 @@ def _check_checksums(sha_by_revision: dict[str, str], applied: dict[str, str], c
         )
 
 
-def _load_scripts(root: Path, versions_dir: Path) -> ScriptDirectory:
-    # Helper modules beside versions/ are importable; this process is this job's alone.
-    sys.path.insert(0, str(root))
+# Loaded scripts kept by a pool process, by bundle digest (bundles never change).
+_scripts: dict[str, ScriptDirectory] = {}
+_MAX_SCRIPTS = 32
+
+
+def _cached_scripts(digest: str, root: Path, versions_dir: Path) -> ScriptDirectory:
+    script = _scripts.pop(digest, None)
+    if script is None:
+        script = _load_scripts(root, versions_dir, importable=False)
+        while len(_scripts) >= _MAX_SCRIPTS:
+            _scripts.pop(next(iter(_scripts)))
+    _scripts[digest] = script  # most recently used last
+    return script
+
+
+def _load_scripts(root: Path, versions_dir: Path, importable: bool) -> ScriptDirectory:
+    """Load a bundle's revisions; `importable`: its helper modules too (a forked child only)."""
+    if importable:
+        sys.path.insert(0, str(root))
     try:
         script = ScriptDirectory(str(root), version_locations=[str(versions_dir)])
         script.revision_map.heads  # noqa: B018 - load every revision file now
@@ -1245,9 +1443,11 @@ def _run_alembic(ctx, conn, url, script, plan: _Plan, recorder: _StepRecorder) -
             recorder.start()
             with env.begin_transaction():
                 env.run_migrations()
-    except (FencedOutError, JobFailure):
+    except (FencedOutError, JobFailure, _Halted):
         raise
     except Exception as exc:  # noqa: BLE001 - a revision raised, or the target went away
+        if ctx.halt is not None and ctx.halt.halted:
+            raise _Halted(f"the job was halted: {type(exc).__name__}") from None
         if conn.invalidated:
             raise _target_lost(url, planned, recorder, base, exc, ctx) from None
         if isinstance(exc, CommandError) and not planned:

@@ -6,6 +6,10 @@ API process reads the progress of every watched job in one query each tick
 and wakes the requests whose job moved. Fifty waiters cost one small query
 every `watch_interval_s`, not fifty.
 
+Workers also publish each job's id when it moves (service.notify): the thread
+looks at once instead of at its next tick, so a finished job reaches its
+waiter within milliseconds, and the tick is only the fallback.
+
 Waiters are capped per process below the number of server threads, so long
 polls can never take every thread: a request over the cap is answered at once
 and told when to come back.
@@ -17,6 +21,7 @@ import logging
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,7 +50,15 @@ class _Waiter:
 
 
 class JobWatcher:
-    def __init__(self, sessions: sessionmaker[Session], interval_s: float, max_waiters: int):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        interval_s: float,
+        max_waiters: int,
+        listen: Callable[[Callable[[int], None]], object] | None = None,
+    ):
+        """`listen(on_job)` subscribes on_job to published job ids (see service.notify)."""
+        self._listen = listen
         self._sessions = sessions
         self._interval = interval_s
         self._slots = threading.BoundedSemaphore(max_waiters)
@@ -91,9 +104,16 @@ class JobWatcher:
         # gunicorn forks after import: a thread started in the parent does not
         # exist in the worker, so start one per process on first use.
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            started_here = self._pid == os.getpid()
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="job-watcher", daemon=True)
             self._thread.start()
+            if self._listen is not None and not started_here:
+                self._listen(self._published)
+
+    def _published(self, job_id: int) -> None:
+        if job_id in self._waiters:  # a dict lookup: safe without the lock
+            self._wake.set()
 
     def _run(self) -> None:
         while True:

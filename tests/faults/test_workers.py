@@ -74,12 +74,18 @@ def test_worker_killed_mid_migration_is_recovered(stack, new_db, tmp_path, diale
     assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
 
 
-def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path):
-    s = stack()
+@pytest.mark.parametrize("isolation", ["fork", "auto"])
+def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path, isolation):
+    """A holder frozen past its lease (SIGSTOP, a VM pause) cannot commit once it wakes.
+
+    "fork": the pool process freezes (its heartbeat with it) while its forked
+    migration goes on. "auto": the migration runs in the pool process and
+    freezes with it, holding the target's session lock until it is thawed.
+    """
+    s = stack(isolation=isolation)
     c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
     old_token = job["lock"]["fencing_token"]
     _, pool_pid = s.worker_of(job)
-    # The pool process stops (its heartbeat with it); its migration goes on.
     s.freeze(pool_pid)
     # The lease expires, the sweeper hands the job over, a new attempt takes the
     # lease with a higher token and waits for the target's session lock...
@@ -91,6 +97,8 @@ def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path):
     )
     # ...which the old migration still holds. Let it go on: its step is refused.
     hold.open()
+    if isolation == "auto":
+        s.thaw(pool_pid)
     done = c.wait_job(job["id"], timeout=90)
     s.thaw(pool_pid)
     assert done["state"] == "succeeded", done
@@ -127,8 +135,13 @@ def test_sigterm_lets_the_running_migration_finish(stack, new_db, tmp_path):
     assert applied_log(url) == ["r1", "r2", "r3"]
 
 
-def test_sigterm_stops_a_migration_past_the_grace_and_hands_it_over(stack, new_db, tmp_path):
-    s = stack(workers=("w1",), shutdown_grace_s=2)
+@pytest.mark.parametrize("isolation", ["fork", "auto"])
+def test_sigterm_stops_a_migration_past_the_grace_and_hands_it_over(
+    stack, new_db, tmp_path, isolation
+):
+    """ "fork" kills the job's child; "auto" halts the migration in the pool process,
+    which ends itself when the revision's own code (a sleep here) runs on."""
+    s = stack(workers=("w1",), shutdown_grace_s=2, isolation=isolation)
     c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
     w1 = s.workers["w1"]
     w1.send_signal(signal.SIGTERM)

@@ -181,6 +181,57 @@ def test_a_job_never_sees_another_projects_helper_modules(prod, new_db):
         assert not {t for t in found if t.startswith("seen_")} - {f"seen_{name}"}
 
 
+def _ran_in(url: str) -> int:
+    """The pid a `ran_in_<pid>` table of the database names."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        (table,) = [t for t in sa.inspect(engine).get_table_names() if t.startswith("ran_in_")]
+    finally:
+        engine.dispose()
+    return int(table.removeprefix("ran_in_"))
+
+
+def test_a_bundle_of_revisions_only_runs_in_the_pool_process_with_its_scripts_kept(
+    prod, new_db, tmp_path
+):
+    """No helper modules: no fork per job, and each pool process loads the scripts once."""
+    c = prod.client
+    loads = tmp_path / "loads"
+    head = f"import os\nopen({str(loads)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+    body = 'op.execute(f"CREATE TABLE ran_in_{os.getpid()} (id INTEGER)")'
+    project, _ = setup_project(c, {"versions/p1.py": revision("p1", None, body, head=head)})
+    pools = []
+    for _i in range(4):
+        url = new_db("sqlite")
+        job = run_job(c, register_db(c, project, url), target="head")
+        assert job["state"] == "succeeded", job
+        pool_pid = int(job["worker"].rsplit(":", 1)[1])
+        assert _ran_in(url) == pool_pid  # the revision ran in the pool process itself
+        pools.append(pool_pid)
+    loaded = [int(pid) for pid in loads.read_text().split()]
+    assert sorted(loaded) == sorted(set(loaded)), "a pool process loaded the scripts twice"
+    assert set(loaded) <= set(pools)
+
+
+def test_a_bundle_with_helper_modules_runs_in_a_process_of_its_own(prod, new_db):
+    c = prod.client
+    body = """
+        import retort_helper_pid
+        op.execute(f"CREATE TABLE ran_in_{os.getpid()} (id INTEGER)")
+    """
+    files = {
+        "retort_helper_pid.py": "X = 1\n",
+        "versions/q1.py": revision("q1", None, body, head="import os\n"),
+    }
+    project, _ = setup_project(c, files)
+    url = new_db("sqlite")
+    job = run_job(c, register_db(c, project, url), target="head")
+    assert job["state"] == "succeeded", job
+    assert _ran_in(url) != int(job["worker"].rsplit(":", 1)[1])
+
+
 def test_bundle_upload_with_wrong_project_bundle_is_404(prod, new_db):
     c = prod.client
     p1, b1 = setup_project(c, BRANCHED)
