@@ -19,6 +19,9 @@ from service.webhooks.delivery import attempt_delivery, deliveries_to_resend
 from worker.celery_app import app, config
 
 log = logging.getLogger("retort.worker")
+# Alembic logs a line per revision at INFO; every step is in the job and the
+# audit log already, with its SQL and duration.
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 # Present in the broker while it keeps its data; gone after a restart of a
 # Redis that keeps nothing on disk, or a flush: then no queued job has a message.

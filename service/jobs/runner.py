@@ -1112,6 +1112,9 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> boo
         if plan.attempt > 1 and plan.previously_started and mysql:
             _refuse_blind_resume(script, plan, heads)
         resumed = plan.attempt > 1
+        # Already there (the usual `upgrade head` of a deploy that changed no
+        # schema): the job starts and succeeds in one transaction, no Alembic run.
+        noop = not resumed and _nothing_to_do(script, plan, heads)
 
         def start(s: Session) -> int:
             values: dict[str, Any] = {
@@ -1133,11 +1136,22 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> boo
             if resumed:
                 data["attempt"] = plan.attempt
             ctx.audit(s, "job.resumed" if resumed else "job.started", data)
-            return _applied_checksums(s, ctx.database_id)
+            applied = _applied_checksums(s, ctx.database_id)
+            if noop:
+                _check_checksums(sha_by_revision, applied, heads)  # raising rolls back
+                ctx.finish(
+                    s,
+                    {"state": "succeeded", "to_heads": heads},
+                    "job.succeeded",
+                    {"from_heads": heads, "to_heads": heads, "steps": 0},
+                )
+            return applied
 
         applied = ctx.write(start)
         if applied is None:
             return False  # cancelled while waiting: nothing was touched
+        if noop:
+            return True
         from_heads = plan.from_heads if plan.from_heads is not None else heads
         if resumed and plan.action == "upgrade" and plan.from_heads is not None:
             _record_lost_steps(ctx, script, plan.from_heads, heads, sha_by_revision)
@@ -1299,6 +1313,16 @@ def _steps_for(script: ScriptDirectory, action: str, target: str, heads) -> list
     if action == "downgrade":
         return list(script._downgrade_revs(target, heads))
     return list(script._stamp_revs(tuple(target.split(",")), heads))
+
+
+def _nothing_to_do(script: ScriptDirectory, plan: _Plan, heads: list[str]) -> bool:
+    """Whether an absolute upgrade or downgrade finds the database already at its target."""
+    if plan.relative or plan.action not in ("upgrade", "downgrade"):
+        return False
+    try:
+        return not _steps_for(script, plan.action, plan.target, tuple(heads))
+    except Exception:  # noqa: BLE001 - the full run reports what is wrong with the target
+        return False
 
 
 def _destination(action: str, steps: list[Any]) -> str | None:

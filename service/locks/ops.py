@@ -21,8 +21,9 @@ class FencedOutError(Exception):
 
 def try_acquire(session: Session, database_id: int, job_id: int, holder: str, ttl: float):
     """Grant the lease if it is free or expired; return (token, None) or (None, holder job)."""
-    now = epoch_now(session.bind.dialect.name)
-    granted = session.execute(
+    dialect = session.bind.dialect
+    now = epoch_now(dialect.name)
+    grant = (
         update(Lease)
         .where(
             Lease.database_id == database_id,
@@ -35,7 +36,16 @@ def try_acquire(session: Session, database_id: int, job_id: int, holder: str, tt
             acquired_at=now,
             expires_at=now + ttl,
         )
-    ).rowcount
+        .execution_options(synchronize_session=False)
+    )
+    if dialect.update_returning:  # PostgreSQL, SQLite: one round trip for a free lease
+        token = session.execute(grant.returning(Lease.token)).scalar()
+        granted = token is not None
+    else:
+        granted = bool(session.execute(grant).rowcount)
+        token = None
+    if granted and token is not None:
+        return token, None
     lease = session.execute(
         select(Lease.token, Lease.holder_job_id).where(Lease.database_id == database_id)
     ).one()
