@@ -528,7 +528,9 @@ def _acquire_lease(ctx: JobContext, worker: str) -> bool:
             _unclaim(ctx, "worker_shutdown")
             return False
         with transaction(ctx.sessions) as s:
-            state = s.scalar(select(Job.state).where(Job.id == job_id))
+            # Locked: a cancel or hand-over cannot commit between this read and
+            # the grant's write on the job (a final job never changes again).
+            state = s.scalar(select(Job.state).where(Job.id == job_id).with_for_update())
             if state != "waiting_for_lock":
                 log.info("job %s left waiting_for_lock (%s) before it got the lease", job_id, state)
                 return False
