@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
@@ -53,6 +54,7 @@ class IdConverter(IntegerConverter):
 @dataclasses.dataclass
 class Services:
     config: Config
+    engine: Engine
     sessions: sessionmaker[Session]
     box: SecretBox
     dispatcher: Dispatcher
@@ -71,6 +73,7 @@ def create_app(config: Config | None = None) -> Flask:
     outbox.attach(sessions, config, dispatcher)
     app.extensions["retort"] = Services(
         config=config,
+        engine=engine,
         sessions=sessions,
         box=SecretBox(config.secret_keys),
         dispatcher=dispatcher,

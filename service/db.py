@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import JSON, MetaData, create_engine, event, func, literal_column
+from sqlalchemy import JSON, Connection, MetaData, create_engine, event, func, literal_column
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -79,6 +79,21 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """Run a unit of work in one transaction: commit on success, roll back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """Lend a connection for reads of one statement each, without a transaction of ours.
+
+    On PostgreSQL the connection is in autocommit: a statement is its own
+    snapshot, and the BEGIN and ROLLBACK round trips of a transaction are
+    saved. A read that needs several statements to agree uses transaction().
+    SQLite reads in a transaction as ever (it has no round trips to save).
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
 
 
 def epoch_now(dialect_name: str):
