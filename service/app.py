@@ -34,6 +34,7 @@ from service.errors import (
 )
 from service.idempotency import ops as idempotency
 from service.idempotency.ops import check_key
+from service.jobs.cache import FinishedJobs
 from service.jobs.watch import JobWatcher
 from service.openapi import DOCS_PAGE, build_spec
 from service.principal import ADMIN, Principal
@@ -59,6 +60,7 @@ class Services:
     box: SecretBox
     dispatcher: Dispatcher
     watcher: JobWatcher
+    finished_jobs: FinishedJobs
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -78,6 +80,7 @@ def create_app(config: Config | None = None) -> Flask:
         box=SecretBox(config.secret_keys),
         dispatcher=dispatcher,
         watcher=JobWatcher(sessions, config.watch_interval_s, config.max_waiters),
+        finished_jobs=FinishedJobs(),
     )
 
     from service.audit.api import bp as audit_bp

@@ -3,7 +3,7 @@ import logging
 import threading
 import time
 
-from flask import Blueprint, Response, request, url_for
+from flask import Blueprint, Response, current_app, request, url_for
 
 from service.app import (
     Services,
@@ -17,9 +17,11 @@ from service.app import (
 )
 from service.db import snapshot, transaction
 from service.errors import ServiceError
+from service.jobs.cache import CachedJob
 from service.jobs.models import FINAL_STATES
 from service.jobs.ops import (
     cancel_job,
+    check_visible,
     create_job,
     job_etag,
     list_history,
@@ -103,9 +105,18 @@ def show_job(job_id: int):
     """
     params = parse_query(JobShow)
     svc = services()
+    cached = svc.finished_jobs.get(job_id)
+    if cached is not None:  # final: it will never change (see service/jobs/cache.py)
+        check_visible(job_id, cached.project, principal())
+        response = current_app.response_class(cached.body, mimetype=current_app.json.mimetype)
+        return response, 200, {"ETag": cached.etag, "Cache-Control": "no-store"}
     out = _read_job(svc, job_id, principal())
     etag = job_etag(out)
     headers = {"ETag": etag, "Cache-Control": "no-store"}
+    if out["state"] in FINAL_STATES:
+        response = current_app.json.response(out)
+        svc.finished_jobs.put(job_id, CachedJob(out["project"], response.get_data(), etag))
+        return response, 200, headers
     wait = min(params.wait, svc.config.max_wait_s)
     seen = request.headers.get("If-None-Match") or etag
     if wait > 0 and out["state"] not in FINAL_STATES and seen == etag:
