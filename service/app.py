@@ -44,6 +44,9 @@ from service.webhooks import outbox
 
 log = logging.getLogger("retort.api")
 
+# A pooled state connection idle for longer than this is pinged before use.
+PING_IDLE_AFTER_S = 10.0
+
 
 class IdConverter(IntegerConverter):
     """A row id in a URL: a positive 64-bit integer; anything larger is simply not found."""
@@ -69,7 +72,9 @@ def create_app(config: Config | None = None) -> Flask:
     app.url_map.converters["id"] = IdConverter
     app.config["MAX_CONTENT_LENGTH"] = config.max_bundle_bytes
     app.json.sort_keys = False
-    engine = make_engine(config.database_url)
+    # A pre-ping per checkout doubled the round trips of a job read: the API
+    # checks its connections without one (see service.db._check_on_checkout).
+    engine = make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S)
     sessions = make_sessionmaker(engine)
     dispatcher = Dispatcher(config)
     outbox.attach(sessions, config, dispatcher)
