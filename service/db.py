@@ -125,18 +125,21 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 @contextmanager
-def snapshot(engine: Engine) -> Iterator[Connection]:
-    """Lend a connection for reads of one statement each, without a transaction of ours.
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """Lend a connection on which each statement stands alone: a read, or one write.
 
-    On PostgreSQL the connection is in autocommit: a statement is its own
-    snapshot, and the BEGIN and ROLLBACK round trips of a transaction are
-    saved. A read that needs several statements to agree uses transaction().
-    SQLite reads in a transaction as ever (it has no round trips to save).
+    On PostgreSQL the connection is in autocommit, so a statement is its own
+    snapshot and commits by itself, and the BEGIN and COMMIT (or ROLLBACK)
+    round trips of a transaction are saved. Statements that must agree with
+    each other use transaction(). SQLite runs them in one transaction,
+    committed at the end, as ever (it has no round trips to save).
     """
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as conn:
+            yield conn
+        return
     with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        yield conn
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def epoch_now(dialect_name: str):

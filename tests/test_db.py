@@ -11,7 +11,7 @@ def _backend_pid(engine) -> int:
 
 
 def test_a_connection_the_server_ended_is_replaced_at_checkout(backends):
-    from service.db import make_engine, snapshot
+    from service.db import autocommit, make_engine
 
     url = backends.new("postgresql")
     engine = make_engine(url, ping_idle_after_s=3600)  # so only the socket check can tell
@@ -22,12 +22,12 @@ def test_a_connection_the_server_ended_is_replaced_at_checkout(backends):
             admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
         deadline = time.monotonic() + 10
         while True:  # the termination notice reaches the idle socket
-            with snapshot(engine) as conn:
+            with autocommit(engine) as conn:
                 pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
             if pid != first or time.monotonic() > deadline:
                 break
         assert pid != first
-        with snapshot(engine) as conn:  # and the pool goes on with the new session
+        with autocommit(engine) as conn:  # and the pool goes on with the new session
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() == pid
     finally:
         engine.dispose()

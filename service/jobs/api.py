@@ -2,6 +2,7 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 from flask import Blueprint, Response, current_app, request, url_for
 
@@ -15,7 +16,7 @@ from service.app import (
     require,
     services,
 )
-from service.db import snapshot, transaction
+from service.db import autocommit, transaction
 from service.errors import ServiceError
 from service.jobs.cache import CachedJob
 from service.jobs.models import FINAL_STATES
@@ -68,10 +69,12 @@ class TooManyWaitersServiceError(ServiceError):
 def post_job():
     require("deployer")
     body = parse_json(JobCreate)
-    outcome = {"coalesced": False}
+    svc = services()
+    outcome: dict[str, Any] = {"coalesced": False}
 
     def create(s) -> tuple[str, int]:
         job, outcome["coalesced"] = create_job(s, body, actor(), principal())
+        outcome["job"] = read_job(s, job.id)  # the document as it commits
         return str(job.id), 202
 
     resource, status, replayed = idempotent("POST /v1/jobs", body.model_dump(mode="json"), create)
@@ -80,12 +83,12 @@ def post_job():
         # Sent after the commit: a worker must find the row. If the broker is
         # down the job stays queued and the sweeper sends it again.
         try:
-            services().dispatcher.send_job(job_id)
-            with transaction(services().sessions) as s:
-                mark_dispatched(s, job_id)
+            svc.dispatcher.send_job(job_id)
+            with autocommit(svc.engine) as conn:
+                mark_dispatched(conn, job_id)
         except Exception:  # noqa: BLE001
             log.exception("could not send job %s to the broker; the sweeper will", job_id)
-    out = _read_job(services(), job_id, None)
+    out = _read_job(svc, job_id, None) if replayed else outcome["job"]
     out["coalesced_into"] = job_id if outcome["coalesced"] else None
     headers = {"Location": url_for("jobs.show_job", job_id=job_id), "ETag": job_etag(out)}
     if replayed:
@@ -131,7 +134,7 @@ def show_job(job_id: int):
 
 def _read_job(svc: Services, job_id: int, who: Principal | None) -> dict:
     # `svc`, not services(): an event stream reads after its request context is gone.
-    with snapshot(svc.engine) as conn:
+    with autocommit(svc.engine) as conn:
         return read_job(conn, job_id, who)
 
 

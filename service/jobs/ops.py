@@ -97,8 +97,8 @@ def create_job(
     return job, False
 
 
-def mark_dispatched(session: Session, job_id: int) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+def mark_dispatched(db: Session | Connection, job_id: int) -> None:
+    db.execute(update(_jobs).where(_jobs.c.id == job_id).values(dispatched_at=utcnow()))
 
 
 def get_job(session: Session, job_id: int, who: Principal | None = None) -> Job:
