@@ -251,7 +251,9 @@ def scale(results: dict[str, Any]) -> str:
         "then `VACUUM ANALYZE`). The bulk audit events carry dummy hashes, so "
         "`/v1/audit/verify` fails on them; no measured path reads hashes. The API runs without "
         "workers, so created jobs stay queued and nothing else runs meanwhile; a deep page is "
-        "the one behind a cursor in the middle of the table.",
+        "the one behind a cursor in the middle of the table. A finished job is served from the "
+        "API's per-process cache after its first read, so the store is measured by the queued "
+        "job (one just created), read fresh each time.",
         "",
         "| operation | items (empty / full) | empty | full | full / empty (goal ≤ 2) | full, p90 |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
