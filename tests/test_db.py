@@ -20,12 +20,13 @@ def test_a_connection_the_server_ended_is_replaced_at_checkout(backends):
         assert _backend_pid(engine) == first  # pooled: the same session again
         with backends.pg.connect() as admin:  # what a restart does to every session
             admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
-        deadline = time.monotonic() + 10
-        while True:  # the termination notice reaches the idle socket
-            with autocommit(engine) as conn:
-                pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-            if pid != first or time.monotonic() > deadline:
-                break
+            gone = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            deadline = time.monotonic() + 10
+            while admin.execute(gone, {"pid": first}).scalar_one():  # its notice was sent
+                assert time.monotonic() < deadline, "the backend did not end"
+                time.sleep(0.01)
+        with autocommit(engine) as conn:  # no error: the ended connection is replaced
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         assert pid != first
         with autocommit(engine) as conn:  # and the pool goes on with the new session
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() == pid
