@@ -1,5 +1,6 @@
 """API load: GET /v1/jobs/{id} under 16 connections against `retort api` as production
-starts it, beside a bare Flask route under identical gunicorn flags, with wrk.
+starts it, beside a bare Flask route under identical gunicorn flags, with wrk: once for a
+finished job and once for an unfinished (queued) one.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def wrk(
 def run(
     res: h.Resources, cluster: h.Cluster, seconds: float, connections: int = 16, profiler=None
 ) -> dict:
+    """Measure a finished job and an unfinished one, each beside the bare route.
+
+    Stops the cluster's workers once the finished job is done, so that a second
+    job stays `queued` (nothing will run it) and is read fresh from the state
+    database on every request. The API section is the last to use the shared
+    production cluster (bench/run.py stops it right after).
+    """
     if wrk_path() is None:
         raise RuntimeError(f"wrk is not installed: {INSTALL_WRK}")
     from service.cli import api_command
@@ -103,8 +111,19 @@ def run(
     job = api.wait_job(r.body["id"], r.headers.get("ETag"))
     if job["state"] != "succeeded":
         raise RuntimeError(f"setup job failed: {job}")
-    doc = api.get(f"/v1/jobs/{job['id']}")
-    body = json.dumps(doc.body, separators=(",", ":"))
+    res.stop([cluster.procs.pop(name) for name in list(cluster.procs) if name.startswith("worker")])
+    r = api.post(
+        "/v1/jobs",
+        {"database": f"{project}-db", "action": "downgrade", "target": "base", "coalesce": False},
+    )
+    if r.status != 202:
+        raise RuntimeError(f"could not queue the unfinished job: {r.status} {r.body}")
+    docs = {}
+    for key, job_id in (("finished", job["id"]), ("unfinished", r.body["id"])):
+        docs[key] = api.get(f"/v1/jobs/{job_id}").body
+    if docs["unfinished"]["state"] != "queued":
+        raise RuntimeError(f"the unfinished job did not stay queued: {docs['unfinished']}")
+    bodies = {str(d["id"]): json.dumps(d, separators=(",", ":")) for d in docs.values()}
     api.close()
 
     # The baseline: the same gunicorn command line `retort api` builds, another app.
@@ -115,7 +134,7 @@ def run(
     assert cmd[-1] == "service.wsgi:app", cmd
     cmd[-1] = "bench.constapp:app"
     doc_path = cluster.data_dir / "const.json"
-    doc_path.write_text(body)
+    doc_path.write_text(json.dumps(bodies))
     env = {**h.clean_env(), "RETORT_BENCH_CONST_JSON": str(doc_path)}
     const = h.Cluster(res, port, cluster.token, env, cluster.data_dir)
     const.procs["const"] = res.spawn("constapp", cmd, env, cluster.data_dir)
@@ -132,52 +151,64 @@ def run(
         time.sleep(0.1)
     probe.close()
 
-    path = f"/v1/jobs/{job['id']}"
-    retort_url = f"http://127.0.0.1:{cluster.port}{path}"
-    const_url = f"http://127.0.0.1:{port}{path}"
-    h.log(f"api load: wrk {connections} connections, {seconds:.0f} s each, Retort then bare Flask")
+    h.log(
+        f"api load: wrk {connections} connections, {seconds:.0f} s each, a finished and an "
+        "unfinished job, Retort then bare Flask"
+    )
     warm = seconds >= 5  # warm up pools and threads (not in --quick runs)
-    if warm:
-        wrk(retort_url, cluster.token, 1, connections)
-    if profiler is not None:
-        profiler.start("api-load", only=("api",))
-    retort = wrk(
-        retort_url,
-        cluster.token,
-        seconds,
-        connections,
-        server_pids=lambda: h.process_tree(cluster.procs["api"].popen.pid),
-        db_pids=lambda: h.pg_backends(cluster.state_url),
-    )
-    if profiler is not None:
-        profiler.stop()
-    if warm:
-        wrk(const_url, cluster.token, 1, connections)
-    bare = wrk(
-        const_url,
-        cluster.token,
-        seconds,
-        connections,
-        server_pids=lambda: h.process_tree(const.procs["const"].popen.pid),
-    )
+    runs = {}
+    for key in ("finished", "unfinished"):
+        path = f"/v1/jobs/{docs[key]['id']}"
+        for app, app_port, pids, db_pids in (
+            (
+                "retort",
+                cluster.port,
+                lambda: h.process_tree(cluster.procs["api"].popen.pid),
+                lambda: h.pg_backends(cluster.state_url),
+            ),
+            ("bare", port, lambda: h.process_tree(const.procs["const"].popen.pid), None),
+        ):
+            url = f"http://127.0.0.1:{app_port}{path}"
+            if warm:
+                wrk(url, cluster.token, 1, connections)
+            if profiler is not None and app == "retort":
+                profiler.start(f"api-load-{key}", only=("api",))
+            runs[app, key] = wrk(
+                url, cluster.token, seconds, connections, server_pids=pids, db_pids=db_pids
+            )
+            if profiler is not None and app == "retort":
+                profiler.stop()
     const.stop()
+
+    def figures(result: dict) -> dict:
+        return {k: v for k, v in result.items() if k != "raw"}
+
     out = {
         "seconds": seconds,
         "connections": connections,
-        "body_bytes": len(body),
+        "body_bytes": len(bodies[str(job["id"])]),
         "steps": len(job["steps"]),
+        "unfinished_body_bytes": len(bodies[str(docs["unfinished"]["id"])]),
         "gunicorn_flags": " ".join(retort_cmd[3:-1]).replace(
             f"127.0.0.1:{cluster.port}", "127.0.0.1:PORT"
         ),
-        "retort": {k: v for k, v in retort.items() if k != "raw"},
-        "bare": {k: v for k, v in bare.items() if k != "raw"},
-        "ratio": retort["rps"] / bare["rps"],
+        # The goal's figures: the finished job (these keys predate the unfinished one).
+        "retort": figures(runs["retort", "finished"]),
+        "bare": figures(runs["bare", "finished"]),
+        "ratio": runs["retort", "finished"]["rps"] / runs["bare", "finished"]["rps"],
+        "unfinished": {
+            "retort": figures(runs["retort", "unfinished"]),
+            "bare": figures(runs["bare", "unfinished"]),
+            "ratio": runs["retort", "unfinished"]["rps"] / runs["bare", "unfinished"]["rps"],
+        },
     }
-    for name, result in (("retort", retort), ("bare", bare)):
+    for (app, key), result in runs.items():
         if result["non_2xx"]:
-            raise RuntimeError(f"{name}: errors under load:\n{result['raw']}")
+            raise RuntimeError(f"{app} ({key} job): errors under load:\n{result['raw']}")
     h.log(
-        f"api load: Retort {retort['rps']:.0f} req/s, bare Flask {bare['rps']:.0f} req/s, "
-        f"ratio {out['ratio']:.2f}"
+        f"api load: finished job: Retort {out['retort']['rps']:.0f} req/s, bare Flask "
+        f"{out['bare']['rps']:.0f} req/s, ratio {out['ratio']:.2f}; unfinished job: Retort "
+        f"{out['unfinished']['retort']['rps']:.0f} req/s, bare Flask "
+        f"{out['unfinished']['bare']['rps']:.0f} req/s, ratio {out['unfinished']['ratio']:.2f}"
     )
     return out

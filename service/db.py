@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import select
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import JSON, MetaData, create_engine, event, func, literal_column
+from sqlalchemy import JSON, Connection, MetaData, create_engine, event, func, literal_column
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -38,8 +41,13 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def make_engine(url: str, *, pooled: bool = True) -> Engine:
-    """Create the state engine; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+def make_engine(url: str, *, pooled: bool = True, ping_idle_after_s: float | None = None) -> Engine:
+    """Create the state engine; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE.
+
+    Pooled connections are pinged at each checkout (a round trip), unless
+    `ping_idle_after_s` is given: then only those idle for longer are, and the
+    others are checked without a round trip (see _check_on_checkout).
+    """
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
@@ -64,10 +72,45 @@ def make_engine(url: str, *, pooled: bool = True) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    kwargs = {"pool_pre_ping": True}
     if not pooled:
-        kwargs = {"poolclass": NullPool}
-    return create_engine(url, **kwargs)
+        return create_engine(url, poolclass=NullPool)
+    if ping_idle_after_s is None:
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url)
+    _check_on_checkout(engine, ping_idle_after_s)
+    return engine
+
+
+def _check_on_checkout(engine: Engine, ping_idle_after_s: float) -> None:
+    """Hand out only live connections, with a round trip only after a long idle time.
+
+    A server that restarts (or ends a session) sends a termination notice and
+    closes the socket, so an idle connection it ended has input waiting: one
+    non-blocking poll of the socket finds it. A connection idle for longer than
+    `ping_idle_after_s` is pinged as well, for what a poll cannot see (a
+    network path that dropped it silently). Raising DisconnectionError makes
+    the pool discard the connection and check out another one.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None:  # a new connection
+            return
+        fileno = getattr(dbapi_conn, "fileno", None)
+        if fileno is None or time.monotonic() - idle_since > ping_idle_after_s:
+            try:
+                alive = engine.dialect.do_ping(dbapi_conn)
+            except engine.dialect.loaded_dbapi.Error:
+                alive = False
+        else:
+            alive = not select.select([fileno()], [], [], 0)[0]
+        if not alive:
+            raise DisconnectionError("the state database ended this connection")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -79,6 +122,24 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """Run a unit of work in one transaction: commit on success, roll back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """Lend a connection on which each statement stands alone: a read, or one write.
+
+    On PostgreSQL the connection is in autocommit, so a statement is its own
+    snapshot and commits by itself, and the BEGIN and COMMIT (or ROLLBACK)
+    round trips of a transaction are saved. Statements that must agree with
+    each other use transaction(). SQLite runs them in one transaction,
+    committed at the end, as ever (it has no round trips to save).
+    """
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def epoch_now(dialect_name: str):

@@ -2,22 +2,33 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
-from flask import Blueprint, Response, request, url_for
+from flask import Blueprint, Response, current_app, request, url_for
 
-from service.app import actor, idempotent, parse_json, parse_query, principal, require, services
-from service.db import transaction
+from service.app import (
+    Services,
+    actor,
+    idempotent,
+    parse_json,
+    parse_query,
+    principal,
+    require,
+    services,
+)
+from service.db import autocommit, transaction
 from service.errors import ServiceError
+from service.jobs.cache import CachedJob
 from service.jobs.models import FINAL_STATES
 from service.jobs.ops import (
     cancel_job,
+    check_visible,
     create_job,
-    get_job,
     job_etag,
     list_history,
     list_jobs,
     mark_dispatched,
-    serialize_job,
+    read_job,
 )
 from service.jobs.schemas import (
     HistoryList,
@@ -30,6 +41,7 @@ from service.jobs.schemas import (
 )
 from service.jobs.watch import TooManyWaitersError
 from service.openapi import operation
+from service.principal import Principal
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger("retort.api")
@@ -57,10 +69,12 @@ class TooManyWaitersServiceError(ServiceError):
 def post_job():
     require("deployer")
     body = parse_json(JobCreate)
-    outcome = {"coalesced": False}
+    svc = services()
+    outcome: dict[str, Any] = {"coalesced": False}
 
     def create(s) -> tuple[str, int]:
         job, outcome["coalesced"] = create_job(s, body, actor(), principal())
+        outcome["job"] = read_job(s, job.id)  # the document as it commits
         return str(job.id), 202
 
     resource, status, replayed = idempotent("POST /v1/jobs", body.model_dump(mode="json"), create)
@@ -69,13 +83,12 @@ def post_job():
         # Sent after the commit: a worker must find the row. If the broker is
         # down the job stays queued and the sweeper sends it again.
         try:
-            services().dispatcher.send_job(job_id)
-            with transaction(services().sessions) as s:
-                mark_dispatched(s, job_id)
+            svc.dispatcher.send_job(job_id)
+            with autocommit(svc.engine) as conn:
+                mark_dispatched(conn, job_id)
         except Exception:  # noqa: BLE001
             log.exception("could not send job %s to the broker; the sweeper will", job_id)
-    with transaction(services().sessions) as s:
-        out = serialize_job(s, get_job(s, job_id))
+    out = _read_job(svc, job_id, None) if replayed else outcome["job"]
     out["coalesced_into"] = job_id if outcome["coalesced"] else None
     headers = {"Location": url_for("jobs.show_job", job_id=job_id), "ETag": job_etag(out)}
     if replayed:
@@ -95,24 +108,34 @@ def show_job(job_id: int):
     """
     params = parse_query(JobShow)
     svc = services()
-    out = _read_job(job_id)
+    cached = svc.finished_jobs.get(job_id)
+    if cached is not None:  # final: it will never change (see service/jobs/cache.py)
+        check_visible(job_id, cached.project, principal())
+        response = current_app.response_class(cached.body, mimetype=current_app.json.mimetype)
+        return response, 200, {"ETag": cached.etag, "Cache-Control": "no-store"}
+    out = _read_job(svc, job_id, principal())
     etag = job_etag(out)
     headers = {"ETag": etag, "Cache-Control": "no-store"}
+    if out["state"] in FINAL_STATES:
+        response = current_app.json.response(out)
+        svc.finished_jobs.put(job_id, CachedJob(out["project"], response.get_data(), etag))
+        return response, 200, headers
     wait = min(params.wait, svc.config.max_wait_s)
     seen = request.headers.get("If-None-Match") or etag
     if wait > 0 and out["state"] not in FINAL_STATES and seen == etag:
         try:
             if svc.watcher.wait(job_id, seen, wait):
-                out = _read_job(job_id)
+                out = _read_job(svc, job_id, principal())
                 headers["ETag"] = job_etag(out)
         except TooManyWaitersError:
             headers["Retry-After"] = str(RETRY_AFTER_S)
     return out, 200, headers
 
 
-def _read_job(job_id: int) -> dict:
-    with transaction(services().sessions) as s:
-        return serialize_job(s, get_job(s, job_id, principal()))
+def _read_job(svc: Services, job_id: int, who: Principal | None) -> dict:
+    # `svc`, not services(): an event stream reads after its request context is gone.
+    with autocommit(svc.engine) as conn:
+        return read_job(conn, job_id, who)
 
 
 @bp.get("/jobs/<id:job_id>/events")
@@ -129,7 +152,7 @@ def job_events(job_id: int):
     step so far.
     """
     svc = services()
-    first = _read_job(job_id)  # 404 before the stream starts
+    first = _read_job(svc, job_id, principal())  # 404 before the stream starts
     try:
         svc.watcher.reserve()
     except TooManyWaitersError:
@@ -166,8 +189,7 @@ def job_events(job_id: int):
                     # A comment line keeps proxies from closing an idle stream and
                     # tells us early when the client has gone.
                     yield ": keepalive\n\n"
-                with transaction(svc.sessions) as s:
-                    job = serialize_job(s, get_job(s, job_id))
+                job = _read_job(svc, job_id, None)
         finally:
             release()
 
@@ -191,10 +213,7 @@ def index_jobs():
     params = parse_query(JobList)
     with transaction(services().sessions) as s:
         jobs, cursor = list_jobs(s, params, principal())
-        return {
-            "jobs": [serialize_job(s, j, with_steps=False) for j in jobs],
-            "next_cursor": cursor,
-        }
+    return {"jobs": jobs, "next_cursor": cursor}
 
 
 @bp.post("/jobs/<id:job_id>/cancel")
@@ -202,7 +221,8 @@ def index_jobs():
 def post_cancel(job_id: int):
     require("deployer")
     with transaction(services().sessions) as s:
-        return serialize_job(s, cancel_job(s, job_id, actor(), principal()))
+        cancel_job(s, job_id, actor(), principal())
+        return read_job(s, job_id)
 
 
 @bp.get("/databases/<name>/history")

@@ -6,7 +6,7 @@ import base64
 import re
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Row, Select, and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.audit.ops import record_event
@@ -97,8 +97,8 @@ def create_job(
     return job, False
 
 
-def mark_dispatched(session: Session, job_id: int) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+def mark_dispatched(db: Session | Connection, job_id: int) -> None:
+    db.execute(update(_jobs).where(_jobs.c.id == job_id).values(dispatched_at=utcnow()))
 
 
 def get_job(session: Session, job_id: int, who: Principal | None = None) -> Job:
@@ -127,24 +127,22 @@ def decode_cursor(cursor: str) -> int:
 
 def list_jobs(
     session: Session, params: JobList, who: Principal | None = None
-) -> tuple[list[Job], str | None]:
-    """Return one page of jobs, newest first, and the cursor of the next page."""
-    query = select(Job)
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Return one page of job documents (without steps), newest first, and the next cursor."""
+    query = _documents()
     if who is not None and not who.everywhere:
-        query = query.join(Project, Project.id == Job.project_id).where(
-            Project.name.in_(who.projects)
-        )
+        query = query.where(_projects.c.name.in_(who.projects))
     if params.database:
         db = get_database(session, params.database, who)
-        query = query.where(Job.database_id == db.id)
+        query = query.where(_jobs.c.database_id == db.id)
     if params.state:
-        query = query.where(Job.state == params.state)
+        query = query.where(_jobs.c.state == params.state)
     if params.cursor:
-        query = query.where(Job.id < decode_cursor(params.cursor))
-    jobs = list(session.scalars(query.order_by(Job.id.desc()).limit(params.limit + 1)))
-    more = len(jobs) > params.limit
-    jobs = jobs[: params.limit]
-    return jobs, encode_cursor(jobs[-1].id) if more else None
+        query = query.where(_jobs.c.id < decode_cursor(params.cursor))
+    rows = session.execute(query.order_by(_jobs.c.id.desc()).limit(params.limit + 1)).all()
+    more = len(rows) > params.limit
+    jobs = [_document(row) for row in rows[: params.limit]]
+    return jobs, encode_cursor(jobs[-1]["id"]) if more else None
 
 
 def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None = None) -> Job:
@@ -174,56 +172,139 @@ def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None 
     return job
 
 
-def serialize_job(session: Session, job: Job, with_steps: bool = True) -> dict[str, Any]:
-    db = session.get(Database, job.database_id)
-    project = session.get(Project, job.project_id)
-    bundle = session.get(Bundle, job.bundle_pk)
-    out: dict[str, Any] = {
-        "id": job.id,
-        "database": db.name,
-        "project": project.name,
-        "bundle": bundle.digest,
-        "action": job.action,
-        "target": job.target,
-        "state": job.state,
-        "attempt": job.attempt,
-        "from_heads": job.from_heads,
-        "to_heads": job.to_heads,
-        "error": job.error,
-        "lock": {
-            "fencing_token": job.fencing_token,
-            "waited_ms": job.lock_waited_ms,
-        },
-        "requested_by": job.requested_by,
-        "worker": job.worker,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-    }
-    if job.state == "waiting_for_lock":
-        lease = session.get(Lease, job.database_id)
-        holder = job.waiting_on_job_id or (lease.holder_job_id if lease else None)
-        out["lock"]["held_by_job"] = holder if holder != job.id else None
-    if with_steps:
-        steps = session.scalars(
-            select(JobStep).where(JobStep.job_id == job.id).order_by(JobStep.id)
+_jobs = Job.__table__
+_steps = JobStep.__table__
+_databases = Database.__table__
+_projects = Project.__table__
+_bundles = Bundle.__table__
+_leases = Lease.__table__
+
+
+def _documents(*columns) -> Select:
+    """Select what a job document shows: the job with its database, project and bundle
+    names, and the lease holder while it waits for the lease (one row per job)."""
+    return (
+        select(
+            _jobs.c.id,
+            _databases.c.name.label("database"),
+            _projects.c.name.label("project"),
+            _bundles.c.digest.label("bundle"),
+            _jobs.c.action,
+            _jobs.c.target,
+            _jobs.c.state,
+            _jobs.c.attempt,
+            _jobs.c.from_heads,
+            _jobs.c.to_heads,
+            _jobs.c.error,
+            _jobs.c.fencing_token,
+            _jobs.c.lock_waited_ms,
+            _jobs.c.requested_by,
+            _jobs.c.worker,
+            _jobs.c.created_at,
+            _jobs.c.started_at,
+            _jobs.c.finished_at,
+            _jobs.c.waiting_on_job_id,
+            _leases.c.holder_job_id.label("lease_holder"),
+            *columns,
         )
-        out["steps"] = [serialize_step(s) for s in steps]
+        .join(_databases, _databases.c.id == _jobs.c.database_id)
+        .join(_projects, _projects.c.id == _jobs.c.project_id)
+        .join(_bundles, _bundles.c.pk == _jobs.c.bundle_pk)
+        .outerjoin(
+            _leases,
+            and_(
+                _leases.c.database_id == _jobs.c.database_id,
+                _jobs.c.state == "waiting_for_lock",
+            ),
+        )
+    )
+
+
+# One job and its steps in one statement, so one snapshot: one row per step
+# (the job's columns repeated), or one row with NULL step columns.
+_JOB_WITH_STEPS = (
+    _documents(
+        _steps.c.id.label("step_id"),
+        _steps.c.revisions.label("step_revisions"),
+        _steps.c.direction.label("step_direction"),
+        _steps.c.state.label("step_state"),
+        _steps.c.message.label("step_message"),
+        _steps.c.started_at.label("step_started_at"),
+        _steps.c.finished_at.label("step_finished_at"),
+        _steps.c.duration_ms.label("step_duration_ms"),
+        _steps.c.sql.label("step_sql"),
+        _steps.c.sha256.label("step_sha256"),
+        _steps.c.fencing_token.label("step_fencing_token"),
+    )
+    .outerjoin(_steps, _steps.c.job_id == _jobs.c.id)
+    .where(_jobs.c.id == bindparam("job_id"))
+    .order_by(_steps.c.id)
+)
+_JOB = _documents().where(_jobs.c.id == bindparam("job_id"))
+
+
+def read_job(
+    db: Session | Connection, job_id: int, who: Principal | None = None, with_steps: bool = True
+) -> dict[str, Any]:
+    """Return a job's document; 404 if it does not exist or `who` may not see its project."""
+    query = _JOB_WITH_STEPS if with_steps else _JOB
+    rows = db.execute(query, {"job_id": job_id}).all() if 0 < job_id < MAX_ID else []
+    if not rows:
+        raise NotFoundError(f"no job {job_id}", {"job": job_id})
+    check_visible(job_id, rows[0].project, who)
+    out = _document(rows[0])
+    if with_steps:
+        out["steps"] = [_step(row) for row in rows if row.step_id is not None]
     return out
 
 
-def serialize_step(step: JobStep) -> dict[str, Any]:
+def check_visible(job_id: int, project: str, who: Principal | None) -> None:
+    """Answer 404, as for a job that does not exist, when `who` may not see its project."""
+    if who is not None and not who.sees(project):
+        raise NotFoundError(f"no job {job_id}", {"job": job_id})
+
+
+def _document(row: Row) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": row.id,
+        "database": row.database,
+        "project": row.project,
+        "bundle": row.bundle,
+        "action": row.action,
+        "target": row.target,
+        "state": row.state,
+        "attempt": row.attempt,
+        "from_heads": row.from_heads,
+        "to_heads": row.to_heads,
+        "error": row.error,
+        "lock": {
+            "fencing_token": row.fencing_token,
+            "waited_ms": row.lock_waited_ms,
+        },
+        "requested_by": row.requested_by,
+        "worker": row.worker,
+        "created_at": iso(row.created_at),
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
+    }
+    if row.state == "waiting_for_lock":
+        holder = row.waiting_on_job_id or row.lease_holder
+        out["lock"]["held_by_job"] = holder if holder != row.id else None
+    return out
+
+
+def _step(row: Row) -> dict[str, Any]:
     return {
-        "revisions": step.revisions,
-        "direction": step.direction,
-        "state": step.state,
-        "message": step.message,
-        "started_at": iso(step.started_at),
-        "finished_at": iso(step.finished_at),
-        "duration_ms": round(step.duration_ms, 3),
-        "sql": step.sql,
-        "sha256": step.sha256,
-        "fencing_token": step.fencing_token,
+        "revisions": row.step_revisions,
+        "direction": row.step_direction,
+        "state": row.step_state,
+        "message": row.step_message,
+        "started_at": iso(row.step_started_at),
+        "finished_at": iso(row.step_finished_at),
+        "duration_ms": round(row.step_duration_ms, 3),
+        "sql": row.step_sql,
+        "sha256": row.step_sha256,
+        "fencing_token": row.step_fencing_token,
     }
 
 

@@ -16,7 +16,6 @@ from service.audit import ops as audit
 from service.crypto import SecretBox
 from service.db import iso
 from service.errors import InvalidError, NotFoundError
-from service.jobs.models import Job
 from service.projects.models import Project
 from service.webhooks.models import Webhook, WebhookDelivery
 from service.webhooks.schemas import EVENTS, WebhookCreate
@@ -137,10 +136,9 @@ def enqueue_deliveries(
     hooks = [h for h in known[project] if event in h.events]
     if not hooks:
         return
-    from service.jobs.ops import serialize_job  # jobs.ops imports audit, which calls us
+    from service.jobs.ops import read_job  # jobs.ops imports audit, which calls us
 
-    job = session.get(Job, job_id, populate_existing=True)
-    job_doc = serialize_job(session, job, with_steps=False)
+    job_doc = read_job(session, job_id, with_steps=False)
     for hook in hooks:
         uid = str(uuid.uuid4())
         delivery = WebhookDelivery(
