@@ -11,11 +11,10 @@ in the document. Steps are only inserted by fenced writes. Databases,
 projects and bundles are never renamed nor deleted, so the names in the
 document stay true. A job that is not final is always read fresh.
 
-Exactly one write does not follow that rule (see the commit that added this
-module): `runner._acquire_lease` reads the job's state without locking the row,
-then sets `fencing_token` and `lock_waited_ms` unconditionally, so a cancel or
-a sweeper hand-over that commits in between lets it write those two fields of
-a job that is already final. Locking the row in that read closes it.
+The lease wait (`runner._acquire_lease`) reads the job's state with the row
+locked before its grant writes `fencing_token` and `lock_waited_ms`, so a
+cancel or hand-over cannot slip in between; a job whose database is already at
+its target is started and finished in one conditional transaction.
 """
 
 from __future__ import annotations
