@@ -24,7 +24,7 @@ from service import notify
 from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
-from service.db import make_engine, make_sessionmaker, transaction
+from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction
 from service.errors import (
     ForbiddenError,
     InvalidError,
@@ -44,9 +44,6 @@ from service.tokens.ops import authenticate
 from service.webhooks import outbox
 
 log = logging.getLogger("retort.api")
-
-# A pooled state connection idle for longer than this is pinged before use.
-PING_IDLE_AFTER_S = 10.0
 
 
 class IdConverter(IntegerConverter):

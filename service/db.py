@@ -41,6 +41,11 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+# A pooled state connection idle for longer than this is pinged before use
+# (the API's and the workers' pools: see _check_on_checkout).
+PING_IDLE_AFTER_S = 10.0
+
+
 def make_engine(url: str, *, pooled: bool = True, ping_idle_after_s: float | None = None) -> Engine:
     """Create the state engine; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE.
 

@@ -10,7 +10,7 @@ from functools import cache
 from celery import signals
 
 from service.crypto import SecretBox
-from service.db import make_engine, make_sessionmaker, transaction, utcnow
+from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction, utcnow
 from service.idempotency.ops import purge_expired
 from service.jobs import runner, sweeper
 from service.queue import DELIVER, RUN_JOB, SWEEP
@@ -31,7 +31,9 @@ BROKER_EPOCH_KEY = f"retort:{config.queue}:broker-epoch"
 @cache
 def _sessions():
     # One engine per pool process, built after the fork.
-    sessions = make_sessionmaker(make_engine(config.database_url))
+    sessions = make_sessionmaker(
+        make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S)
+    )
     outbox.attach(sessions, config)
     return sessions
 
