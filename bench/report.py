@@ -276,8 +276,8 @@ def memory(results: dict[str, Any]) -> str:
         f"Production layout, {m['jobs']} jobs over 10 projects (one SQLite database each, "
         "3 revisions; rounds of 10 jobs alternately `upgrade head` and `downgrade base`). "
         "`VmRSS`/`VmHWM` from `/proc/<pid>/status` of each worker's Celery main process and "
-        "its prefork pool child (the per-job migration processes are forked from the pool "
-        "child and gone after each job).",
+        "its prefork pool child, which runs these bundles' migrations itself (no helper "
+        "modules) and keeps their loaded scripts and target engines.",
         "",
         f"| process | RSS after the first {m['first']} jobs | RSS after {m['jobs']} | peak (VmHWM) "
         f"after {m['jobs']} | peak / first (goal ≤ 1.5) |",

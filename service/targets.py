@@ -106,6 +106,10 @@ def make_target_engine(
             max_overflow=1,
             pool_pre_ping=dialect != "sqlite",
             connect_args=connect_args,
+            # Alembic builds its version table and operations anew for every
+            # run, so their compiled statements never hit the cache again after
+            # the job: a small cache keeps one job's repeats and bounds memory.
+            query_cache_size=64,
         )
     else:
         engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)

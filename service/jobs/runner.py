@@ -1025,7 +1025,7 @@ class _Link:
 
 # Target engines kept by a pool process: one per database URL and session settings.
 _engines: dict[tuple[str, str], sa.Engine] = {}
-_MAX_ENGINES = 64
+_MAX_ENGINES = 32
 
 
 def _target_engine(url: URL, ctx: JobContext) -> sa.Engine:
