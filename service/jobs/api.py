@@ -123,10 +123,13 @@ def show_job(job_id: int):
     wait = min(params.wait, svc.config.max_wait_s)
     seen = request.headers.get("If-None-Match") or etag
     if wait > 0 and out["state"] not in FINAL_STATES and seen == etag:
+        deadline = time.monotonic() + wait
         try:
-            if svc.watcher.wait(job_id, seen, wait):
+            while svc.watcher.wait(job_id, seen, deadline - time.monotonic()):
                 out = _read_job(svc, job_id, principal())
                 headers["ETag"] = job_etag(out)
+                if headers["ETag"] != seen or deadline <= time.monotonic():
+                    break
         except TooManyWaitersError:
             headers["Retry-After"] = str(RETRY_AFTER_S)
     return out, 200, headers

@@ -307,7 +307,11 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             job_id, job.database_id, db_name, project_name, settings, 0, sessions, config, clock
         )
         granted = _try_lease(s, ctx, worker, time.monotonic(), first=True) is True
-    ctx.published()
+    if not granted:
+        # Waiting for another job: worth telling at once. A granted claim is
+        # not: the job starts (or, already at its target, ends) within
+        # milliseconds, and a waiter woken now would only have to ask again.
+        ctx.published()
     if not granted and not _acquire_lease(ctx, worker):
         return "not_started"
     if config.isolation == "fork" or plan.bundle.helpers:

@@ -7,8 +7,8 @@ and wakes the requests whose job moved. Fifty waiters cost one small query
 every `watch_interval_s`, not fifty.
 
 Workers also publish each job's id when it moves (service.notify): the thread
-looks at once instead of at its next tick, so a finished job reaches its
-waiter within milliseconds, and the tick is only the fallback.
+wakes that job's waiters at once instead of at its next tick, so a finished
+job reaches its waiter within milliseconds, and the tick is only the fallback.
 
 Waiters are capped per process below the number of server threads, so long
 polls can never take every thread: a request over the cap is answered at once
@@ -112,8 +112,12 @@ class JobWatcher:
                 self._listen(self._published)
 
     def _published(self, job_id: int) -> None:
-        if job_id in self._waiters:  # a dict lookup: safe without the lock
-            self._wake.set()
+        # A worker published this id after a commit that moved the job: wake its
+        # waiters now, without a query; each re-reads the job (and waits on if
+        # its ETag did not change after all).
+        with self._lock:
+            for waiter in self._waiters.get(job_id, []):
+                waiter.woken.set()
 
     def _run(self) -> None:
         while True:
