@@ -59,8 +59,9 @@ def summary(results: dict[str, Any], goals: list[dict[str, Any]]) -> str:
         f"{m['cpu']}, {m['memory']} RAM, Linux {m['kernel']}; Python {m['python']}, "
         f"PostgreSQL {m['postgresql']}, Redis {m['redis']}, SQLite {m['sqlite']}, "
         f"Alembic {m.get('alembic')}, SQLAlchemy {m.get('sqlalchemy')}, Celery {m.get('celery')}, "
-        f"gunicorn {m.get('gunicorn')}, wrk {m.get('wrk', '?')}. Another engineer's test runs "
-        "shared the machine, so expect a few percent of noise.",
+        f"gunicorn {m.get('gunicorn')}, wrk {m.get('wrk', '?')}. Figures vary by a few "
+        "percent from run to run, more when other work shares the machine (the load average "
+        "before the run is given below).",
         "",
         "| goal | measured | target | |",
         "| --- | ---: | ---: | --- |",
