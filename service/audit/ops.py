@@ -102,7 +102,7 @@ def _append_pending(session: Session) -> None:
         row = {**fields, "seq": seq - n + 1 + i, "ts": ts, "prev_hash": prev_hash}
         row["hash"] = prev_hash = _event_hash(_hashed_fields(row))
         rows.append(row)
-    session.execute(insert(AuditEvent), rows)
+    session.connection().execute(insert(AuditEvent.__table__), rows)
     session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash))
     hooks: dict[str, list] = {}
     for row in rows:

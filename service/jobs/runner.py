@@ -978,7 +978,8 @@ class _StepRecorder:
                     applied.pop(rev, None)
                     unapplied.add(rev)
             self.ctx.audit(s, "step.applied", record["_event"])
-        s.execute(insert(JobStep), steps)
+        # Core, not the ORM's bulk path: the rows are plain values already.
+        s.connection().execute(insert(JobStep.__table__), steps)
         if applied or unapplied:
             s.execute(
                 delete(AppliedRevision).where(
@@ -987,7 +988,7 @@ class _StepRecorder:
                 )
             )
         if applied:
-            s.execute(insert(AppliedRevision), list(applied.values()))
+            s.connection().execute(insert(AppliedRevision.__table__), list(applied.values()))
 
     def flush(self) -> None:
         with self.lock:
