@@ -406,7 +406,7 @@ def _run_here(ctx: JobContext, plan: _Plan) -> str:
     beat = _Beat(ctx, stop)
     ended = False
     try:
-        ended = _run_child_job(ctx, ctx.config, plan)
+        ended = _run_migration(ctx, ctx.config, plan)
     finally:
         beat.end()
         _finalize(ctx, 0 if ended else 3, beat.lost.is_set(), beat.stopped.is_set())
@@ -766,12 +766,12 @@ def _run_in_child(parent_ctx: JobContext, plan: _Plan) -> bool:
     outbox.attach(sessions, config, background=True)
     ctx = JobContext(**{**parent_ctx.__dict__, "sessions": sessions})
     try:
-        return _run_child_job(ctx, config, plan)
+        return _run_migration(ctx, config, plan)
     finally:
         engine.dispose()
 
 
-def _run_child_job(ctx: JobContext, config: Config, plan: _Plan) -> bool:
+def _run_migration(ctx: JobContext, config: Config, plan: _Plan) -> bool:
     url: URL | None = None
     try:
         url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(plan.url_encrypted))
