@@ -106,10 +106,11 @@ def make_target_engine(
             max_overflow=1,
             pool_pre_ping=dialect != "sqlite",
             connect_args=connect_args,
-            # Alembic builds its version table and operations anew for every
-            # run, so their compiled statements never hit the cache again after
-            # the job: a small cache keeps one job's repeats and bounds memory.
-            query_cache_size=64,
+            # No statement cache: Alembic builds its version table and
+            # operations anew for every run, so a compiled statement is never
+            # used again; kept, each cached one is a graph of objects that the
+            # cycle collector walks on every full collection.
+            query_cache_size=0,
         )
     else:
         engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
