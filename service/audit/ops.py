@@ -7,8 +7,8 @@ import hashlib
 import json
 from typing import Any
 
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy import event as sa_event
-from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from service.audit.models import AuditEvent, AuditHead
@@ -77,6 +77,17 @@ def record_event(
     )
 
 
+# The append's statements, built once: Core on the tables, not ORM-enabled
+# statements, since they run in every writing transaction (see BENCHMARKS.md).
+_events = AuditEvent.__table__
+_head = AuditHead.__table__
+_BUMP = _head.update().where(_head.c.id == 1).values(seq=_head.c.seq + bindparam("n"))
+_BUMP_RETURNING = _BUMP.returning(_head.c.seq, _head.c.hash)
+_READ_HEAD = select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)
+_SET_HASH = _head.update().where(_head.c.id == 1).values(hash=bindparam("new_hash"))
+_INSERT_EVENTS = insert(_events)
+
+
 @sa_event.listens_for(Session, "before_commit")
 def _append_pending(session: Session) -> None:
     """Append the transaction's events to the chain, in the order they were recorded.
@@ -88,22 +99,20 @@ def _append_pending(session: Session) -> None:
     if not pending:
         return
     n = len(pending)
-    bump = update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + n)
-    if session.get_bind().dialect.update_returning:
-        seq, prev_hash = session.execute(bump.returning(AuditHead.seq, AuditHead.hash)).one()
+    conn = session.connection()
+    if conn.dialect.update_returning:
+        seq, prev_hash = conn.execute(_BUMP_RETURNING, {"n": n}).one()
     else:
-        session.execute(bump)
-        seq, prev_hash = session.execute(
-            select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)
-        ).one()
+        conn.execute(_BUMP, {"n": n})
+        seq, prev_hash = conn.execute(_READ_HEAD).one()
     ts = utcnow()
     rows = []
     for i, fields in enumerate(pending):
         row = {**fields, "seq": seq - n + 1 + i, "ts": ts, "prev_hash": prev_hash}
         row["hash"] = prev_hash = _event_hash(_hashed_fields(row))
         rows.append(row)
-    session.connection().execute(insert(AuditEvent.__table__), rows)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash))
+    conn.execute(_INSERT_EVENTS, rows)
+    conn.execute(_SET_HASH, {"new_hash": prev_hash})
     hooks: dict[str, list] = {}
     for row in rows:
         enqueue_deliveries(session, row["action"], row["project"], row["job_id"], hooks)

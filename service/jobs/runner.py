@@ -7,6 +7,7 @@ alone, so no project's helper modules are ever seen by another project's job.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -28,7 +29,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +51,91 @@ from service.webhooks import outbox
 log = logging.getLogger("retort.worker")
 _RELATIVE = re.compile(r"^[+-]\d+$")
 _DDL = re.compile(r"^\s*(CREATE|ALTER|DROP|RENAME|TRUNCATE)\b", re.IGNORECASE)
+
+# The statements of a job's hot path are Core statements on the tables, built
+# once per shape: an ORM-enabled statement, built anew for each call, cost
+# about 0.2 ms more CPU, and a job runs about twenty (see BENCHMARKS.md).
+_jobs = Job.__table__
+
+
+@functools.cache
+def _set_job(columns: tuple[str, ...], states: tuple[str, ...] = ()) -> sa.Update:
+    """UPDATE jobs SET <columns> WHERE id = :job_id [AND state IN <states>]."""
+    stmt = _jobs.update().where(_jobs.c.id == bindparam("job_id"))
+    if states:
+        stmt = stmt.where(_jobs.c.state.in_(states))
+    return stmt.values({c: bindparam(f"v_{c}", type_=_jobs.c[c].type) for c in columns})
+
+
+def _update_job(s: Session, job_id: int, states: tuple[str, ...] = (), **values: Any) -> int:
+    """Set plain values on a job (in the given states only); return the rows changed."""
+    stmt = _set_job(tuple(sorted(values)), states)
+    params = {f"v_{k}": v for k, v in values.items()}
+    return s.connection().execute(stmt, {"job_id": job_id, **params}).rowcount
+
+
+@functools.cache
+def _claim_stmt(dialect: str) -> sa.Update:
+    return (
+        _jobs.update()
+        .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == "queued")
+        .values(
+            state="waiting_for_lock",
+            worker=bindparam("v_worker"),
+            claim_expires_at=epoch_now(dialect) + bindparam("ttl", type_=sa.Float),
+        )
+    )
+
+
+_CLAIMED_JOB = (
+    select(
+        _jobs.c.database_id,
+        _jobs.c.action,
+        _jobs.c.target,
+        _jobs.c.resolved_target,
+        _jobs.c.attempt,
+        _jobs.c.started_at,
+        _jobs.c.from_heads,
+        _jobs.c.bundle_pk,
+        Database.name.label("database"),
+        Database.url_encrypted,
+        Project.name.label("project"),
+        Project.settings,
+    )
+    .join(Database.__table__, Database.id == _jobs.c.database_id)
+    .join(Project.__table__, Project.id == _jobs.c.project_id)
+    .where(_jobs.c.id == bindparam("job_id"))
+)
+_JOB_STATE = select(_jobs.c.state).where(_jobs.c.id == bindparam("job_id"))
+
+
+@functools.cache
+def _start_stmt(set_started: bool, set_from: bool) -> sa.Update:
+    values: dict[str, Any] = {
+        "state": "running",
+        "lock_waited_ms": _jobs.c.lock_waited_ms + bindparam("waited", type_=sa.Integer),
+    }
+    if set_started:
+        values["started_at"] = bindparam("v_started_at", type_=_jobs.c.started_at.type)
+    if set_from:
+        values["from_heads"] = bindparam("v_from_heads", type_=_jobs.c.from_heads.type)
+    return (
+        _jobs.update()
+        .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == "waiting_for_lock")
+        .values(values)
+    )
+
+
+_applied = AppliedRevision.__table__
+_APPLIED_CHECKSUMS = select(_applied.c.revision, _applied.c.sha256).where(
+    _applied.c.database_id == bindparam("database_id")
+)
+_UNAPPLY = _applied.delete().where(
+    _applied.c.database_id == bindparam("database_id"),
+    _applied.c.revision.in_(bindparam("revisions", expanding=True)),
+)
+_INSERT_APPLIED = insert(_applied)
+_INSERT_STEPS = insert(JobStep.__table__)
 
 
 class JobFailure(Exception):
@@ -116,20 +202,29 @@ class JobContext:
     halt: _Halt | None = None
 
     def write(
-        self, fn, *, event: str | None = None, data: dict | None = None, what: str | None = None
+        self,
+        fn,
+        *,
+        event: str | None = None,
+        data: dict | None = None,
+        what: str | None = None,
+        fenced_by_fn: bool = False,
     ) -> Any:
         """Run fn(session) in a transaction fenced by this job's token, with an audit event.
 
         A fenced-out holder's write is refused and the refusal itself is audited
-        (as a refused `what`, or `event`).
+        (as a refused `what`, or `event`). `fenced_by_fn`: fn's first statement
+        is the fence itself (leases.release_fenced), so no check_fence first.
         """
         try:
-            return self.run(fn, fenced=True, event=event, data=data)
+            return self.run(fn, fenced=not fenced_by_fn, event=event, data=data, moved=True)
         except FencedOutError as exc:
             self._audit_refusal(exc, what or event)
             raise
 
-    def run(self, fn, *, fenced: bool = False, event: str | None = None, data=None) -> Any:
+    def run(
+        self, fn, *, fenced: bool = False, event: str | None = None, data=None, moved=False
+    ) -> Any:
         """Run fn(session) in a transaction, retried while the state database is away.
 
         Retries stop after a lease TTL: by then the lease may have passed to
@@ -145,7 +240,7 @@ class JobContext:
                     result = fn(s)
                     if event:
                         self.audit(s, event, data)
-                if fenced or event:
+                if fenced or event or moved:
                     self.published()
                 return result
             except _STATE_DOWN as exc:
@@ -201,16 +296,17 @@ class JobContext:
         except Exception:  # noqa: BLE001 - the refusal stands even if it cannot be told
             log.exception("job %s: could not audit a fenced-out write", self.job_id)
 
-    def finish(self, s: Session, values: dict[str, Any], event: str, data: dict) -> None:
-        """End the job and release its lease in one transaction (already fenced)."""
-        count = s.execute(
-            update(Job)
-            .where(Job.id == self.job_id, Job.state.in_(("waiting_for_lock", "running")))
-            .values(finished_at=utcnow(), **values)
-        ).rowcount
-        if count:
+    def finish(
+        self, s: Session, values: dict[str, Any], event: str, data: dict, released: bool = False
+    ) -> None:
+        """End the job and release its lease in one transaction (already fenced).
+
+        `released`: the transaction began with leases.release_fenced.
+        """
+        states = ("waiting_for_lock", "running")
+        if _update_job(s, self.job_id, states, finished_at=utcnow(), **values):
             self.audit(s, event, data)
-        if leases.release(s, self.database_id, self.token):
+        if released or leases.release(s, self.database_id, self.token):
             self.audit(s, "lease.released")
 
     def audit(self, s: Session, event: str, data: dict | None = None) -> None:
@@ -263,26 +359,16 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
     with transaction(sessions) as s:
         # One transaction claims the job, reads what the migration needs and,
         # when the database is free (the usual case), takes its lease.
-        dialect = s.bind.dialect.name
-        claimed = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == "queued")
-            .values(
-                state="waiting_for_lock",
-                worker=worker,
-                claim_expires_at=epoch_now(dialect) + config.lease_ttl_s,
-            )
-        ).rowcount
-        if not claimed:
-            state = s.scalar(select(Job.state).where(Job.id == job_id))
+        conn = s.connection()
+        claim = _claim_stmt(conn.dialect.name)
+        params = {"job_id": job_id, "v_worker": worker, "ttl": config.lease_ttl_s}
+        if not conn.execute(claim, params).rowcount:
+            state = conn.execute(_JOB_STATE, {"job_id": job_id}).scalar()
             log.info("job %s not claimed (state %s)", job_id, state or "missing")
             return "not_claimed"
-        job, db_name, url_encrypted, project_name, settings = s.execute(
-            select(Job, Database.name, Database.url_encrypted, Project.name, Project.settings)
-            .join(Database, Database.id == Job.database_id)
-            .join(Project, Project.id == Job.project_id)
-            .where(Job.id == job_id)
-        ).one()
+        job = conn.execute(_CLAIMED_JOB, {"job_id": job_id}).one()
+        db_name, project_name, settings = job.database, job.project, job.settings
+        url_encrypted = job.url_encrypted
         record_event(
             s,
             "job.claimed",
@@ -496,18 +582,16 @@ def _try_lease(s: Session, ctx: JobContext, worker: str, started: float, first: 
     token, holder = leases.try_acquire(s, ctx.database_id, ctx.job_id, worker, ttl)
     if token is None:
         if first and holder is not None:
-            s.execute(update(Job).where(Job.id == ctx.job_id).values(waiting_on_job_id=holder))
+            _update_job(s, ctx.job_id, waiting_on_job_id=holder)
         return holder
     waited_ms = int((time.monotonic() - started) * 1000)
-    s.execute(
-        update(Job)
-        .where(Job.id == ctx.job_id)
-        .values(
-            waiting_on_job_id=None,
-            fencing_token=token,
-            lock_waited_ms=waited_ms,
-            claim_expires_at=None,
-        )
+    _update_job(
+        s,
+        ctx.job_id,
+        waiting_on_job_id=None,
+        fencing_token=token,
+        lock_waited_ms=waited_ms,
+        claim_expires_at=None,
     )
     ctx.token = token
     ctx.clock.renewed(sent)
@@ -979,16 +1063,13 @@ class _StepRecorder:
                     unapplied.add(rev)
             self.ctx.audit(s, "step.applied", record["_event"])
         # Core, not the ORM's bulk path: the rows are plain values already.
-        s.connection().execute(insert(JobStep.__table__), steps)
+        conn = s.connection()
+        conn.execute(_INSERT_STEPS, steps)
         if applied or unapplied:
-            s.execute(
-                delete(AppliedRevision).where(
-                    AppliedRevision.database_id == self.ctx.database_id,
-                    AppliedRevision.revision.in_(sorted(unapplied | set(applied))),
-                )
-            )
+            revisions = sorted(unapplied | set(applied))
+            conn.execute(_UNAPPLY, {"database_id": self.ctx.database_id, "revisions": revisions})
         if applied:
-            s.connection().execute(insert(AppliedRevision.__table__), list(applied.values()))
+            conn.execute(_INSERT_APPLIED, list(applied.values()))
 
     def flush(self) -> None:
         with self.lock:
@@ -1124,20 +1205,14 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> boo
         noop = not resumed and _nothing_to_do(script, plan, heads)
 
         def start(s: Session) -> int:
-            values: dict[str, Any] = {
-                "state": "running",
-                "lock_waited_ms": Job.lock_waited_ms + waited_ms,
+            stmt = _start_stmt(not plan.previously_started, plan.from_heads is None)
+            params = {
+                "job_id": ctx.job_id,
+                "waited": waited_ms,
+                "v_started_at": utcnow(),
+                "v_from_heads": heads,
             }
-            if not plan.previously_started:
-                values["started_at"] = utcnow()
-            if plan.from_heads is None:
-                values["from_heads"] = heads
-            count = s.execute(
-                update(Job)
-                .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
-                .values(**values)
-            ).rowcount
-            if not count:
+            if not s.connection().execute(stmt, params).rowcount:
                 return None
             data = {"target_lock_waited_ms": waited_ms, "current_heads": heads}
             if resumed:
@@ -1177,15 +1252,17 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> boo
         link.conn.commit()
 
         def succeed(s: Session):
+            leases.release_fenced(s, ctx.database_id, ctx.token)  # also the fence
             recorder.write_pending(s)
             ctx.finish(
                 s,
                 {"state": "succeeded", "to_heads": to_heads},
                 "job.succeeded",
                 {"from_heads": from_heads, "to_heads": to_heads, "steps": recorder.applied},
+                released=True,
             )
 
-        ctx.write(succeed)
+        ctx.write(succeed, fenced_by_fn=True, what="job.succeeded")
         return True
     finally:
         if ctx.halt is not None:
@@ -1361,10 +1438,8 @@ def _refuse_blind_resume(script: ScriptDirectory, plan: _Plan, heads: list[str])
 
 
 def _applied_checksums(s: Session, database_id: int) -> dict[str, str]:
-    query = select(AppliedRevision.revision, AppliedRevision.sha256).where(
-        AppliedRevision.database_id == database_id
-    )
-    return dict(s.execute(query).tuples().all())
+    rows = s.connection().execute(_APPLIED_CHECKSUMS, {"database_id": database_id})
+    return dict(rows.tuples().all())
 
 
 def _check_checksums(sha_by_revision: dict[str, str], applied: dict[str, str], current: list[str]):

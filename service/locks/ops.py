@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select, update
+import functools
+
+from sqlalchemy import Float, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from service.db import epoch_now
@@ -19,63 +21,87 @@ class FencedOutError(Exception):
         self.holder_job_id = holder_job_id
 
 
-def try_acquire(session: Session, database_id: int, job_id: int, holder: str, ttl: float):
-    """Grant the lease if it is free or expired; return (token, None) or (None, holder job)."""
-    dialect = session.bind.dialect
-    now = epoch_now(dialect.name)
-    grant = (
-        update(Lease)
+# Built once per dialect (the clock expression differs): Core statements on the
+# table, since every job runs several and an ORM-enabled one costs ~0.2 ms more.
+_leases = Lease.__table__
+_HELD = (
+    _leases.c.database_id == bindparam("p_database_id"),
+    _leases.c.token == bindparam("p_token"),
+    _leases.c.holder_job_id.is_not(None),
+)
+_READ = select(_leases.c.token, _leases.c.holder_job_id).where(
+    _leases.c.database_id == bindparam("p_database_id")
+)
+_READ_LOCKED = _READ.with_for_update()
+_RELEASE = _leases.update().where(*_HELD).values(holder_job_id=None, holder=None, expires_at=None)
+
+
+@functools.cache
+def _grant(dialect: str, returning: bool):
+    now = epoch_now(dialect)
+    stmt = (
+        _leases.update()
         .where(
-            Lease.database_id == database_id,
-            or_(Lease.holder_job_id.is_(None), Lease.expires_at < now),
+            _leases.c.database_id == bindparam("p_database_id"),
+            or_(_leases.c.holder_job_id.is_(None), _leases.c.expires_at < now),
         )
         .values(
-            token=Lease.token + 1,
-            holder_job_id=job_id,
-            holder=holder,
+            token=_leases.c.token + 1,
+            holder_job_id=bindparam("job_id"),
+            holder=bindparam("holder_name"),
             acquired_at=now,
-            expires_at=now + ttl,
+            expires_at=now + bindparam("ttl", type_=Float),
         )
-        .execution_options(synchronize_session=False)
     )
-    if dialect.update_returning:  # PostgreSQL, SQLite: one round trip for a free lease
-        token = session.execute(grant.returning(Lease.token)).scalar()
-        granted = token is not None
+    return stmt.returning(_leases.c.token) if returning else stmt
+
+
+@functools.cache
+def _renew(dialect: str):
+    now = epoch_now(dialect)
+    return _leases.update().where(*_HELD).values(expires_at=now + bindparam("ttl", type_=Float))
+
+
+def try_acquire(session: Session, database_id: int, job_id: int, holder: str, ttl: float):
+    """Grant the lease if it is free or expired; return (token, None) or (None, holder job)."""
+    conn = session.connection()
+    dialect = conn.dialect
+    returning = dialect.update_returning  # PostgreSQL, SQLite: one round trip for a free lease
+    params = {"p_database_id": database_id, "job_id": job_id, "holder_name": holder, "ttl": ttl}
+    result = conn.execute(_grant(dialect.name, returning), params)
+    if returning:
+        token = result.scalar()
+        if token is not None:
+            return token, None
+        granted = False
     else:
-        granted = bool(session.execute(grant).rowcount)
-        token = None
-    if granted and token is not None:
-        return token, None
-    lease = session.execute(
-        select(Lease.token, Lease.holder_job_id).where(Lease.database_id == database_id)
-    ).one()
+        granted = bool(result.rowcount)
+    lease = conn.execute(_READ, {"p_database_id": database_id}).one()
     if granted:
         return lease.token, None
     return None, lease.holder_job_id
 
 
-def _held(database_id: int, token: int):
-    """The lease row of `database_id` while `token` still holds it."""
-    return (
-        Lease.database_id == database_id,
-        Lease.token == token,
-        Lease.holder_job_id.is_not(None),
-    )
-
-
 def renew(session: Session, database_id: int, token: int, ttl: float) -> bool:
-    now = epoch_now(session.bind.dialect.name)
-    stmt = update(Lease).where(*_held(database_id, token)).values(expires_at=now + ttl)
-    return bool(session.execute(stmt).rowcount)
+    conn = session.connection()
+    params = {"p_database_id": database_id, "p_token": token, "ttl": ttl}
+    return bool(conn.execute(_renew(conn.dialect.name), params).rowcount)
 
 
 def release(session: Session, database_id: int, token: int) -> bool:
-    stmt = (
-        update(Lease)
-        .where(*_held(database_id, token))
-        .values(holder_job_id=None, holder=None, expires_at=None)
-    )
-    return bool(session.execute(stmt).rowcount)
+    params = {"p_database_id": database_id, "p_token": token}
+    return bool(session.connection().execute(_RELEASE, params).rowcount)
+
+
+def release_fenced(session: Session, database_id: int, token: int) -> None:
+    """Release the lease as the first write of a holder's last transaction.
+
+    The UPDATE locks the lease row as check_fence does, so it fences the rest
+    of the transaction too (one statement instead of two); a holder whose
+    token is stale gets FencedOutError and releases nothing.
+    """
+    if not release(session, database_id, token):
+        _refuse(session, database_id, token, lock=False)
 
 
 def check_fence(session: Session, database_id: int, token: int, *, lock: bool = True) -> None:
@@ -86,12 +112,28 @@ def check_fence(session: Session, database_id: int, token: int, *, lock: bool = 
     until the write committed. `lock=False` only reads: a check before a
     target commit whose records are written later, in a locked transaction.
     """
-    query = select(Lease.token, Lease.holder_job_id).where(Lease.database_id == database_id)
-    current = session.execute(query.with_for_update() if lock else query).one()
+    current = (
+        session.connection()
+        .execute(_READ_LOCKED if lock else _READ, {"p_database_id": database_id})
+        .one()
+    )
     if current.token != token or current.holder_job_id is None:
-        raise FencedOutError(
-            f"fencing token {token} is stale: the lease is now at token {current.token}",
-            token,
-            current.token,
-            current.holder_job_id,
-        )
+        raise _stale(token, current)
+
+
+def _refuse(session: Session, database_id: int, token: int, lock: bool) -> None:
+    current = (
+        session.connection()
+        .execute(_READ_LOCKED if lock else _READ, {"p_database_id": database_id})
+        .one()
+    )
+    raise _stale(token, current)
+
+
+def _stale(token: int, current) -> FencedOutError:
+    return FencedOutError(
+        f"fencing token {token} is stale: the lease is now at token {current.token}",
+        token,
+        current.token,
+        current.holder_job_id,
+    )
