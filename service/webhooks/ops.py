@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.audit import ops as audit
@@ -109,12 +109,22 @@ def list_deliveries(
     return rows, rows[-1].id if more else None
 
 
+# Looked up in every transaction that reports a job's start or end: a Core
+# statement built once, the (id, events) rows only.
+_hooks = Webhook.__table__
+_ACTIVE_HOOKS = (
+    select(_hooks.c.id, _hooks.c.events)
+    .join(Project.__table__, Project.id == _hooks.c.project_id)
+    .where(Project.name == bindparam("p_project"), _hooks.c.active.is_(True))
+)
+
+
 def enqueue_deliveries(
     session: Session,
     event: str,
     project: str | None,
     job_id: int | None,
-    known: dict[str, list[Webhook]] | None = None,
+    known: dict[str, list] | None = None,
 ):
     """Write one delivery per subscribed webhook, in the caller's transaction (an outbox).
 
@@ -126,13 +136,7 @@ def enqueue_deliveries(
         return
     known = {} if known is None else known
     if project not in known:
-        known[project] = list(
-            session.scalars(
-                select(Webhook)
-                .join(Project, Project.id == Webhook.project_id)
-                .where(Project.name == project, Webhook.active.is_(True))
-            )
-        )
+        known[project] = list(session.connection().execute(_ACTIVE_HOOKS, {"p_project": project}))
     hooks = [h for h in known[project] if event in h.events]
     if not hooks:
         return
