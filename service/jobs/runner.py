@@ -106,6 +106,7 @@ _CLAIMED_JOB = (
     .join(Project.__table__, Project.id == _jobs.c.project_id)
     .where(_jobs.c.id == bindparam("job_id"))
 )
+_QUEUED_JOB = _CLAIMED_JOB.add_columns(_jobs.c.state)
 _JOB_STATE = select(_jobs.c.state).where(_jobs.c.id == bindparam("job_id"))
 
 
@@ -355,54 +356,76 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             )
         return "not_claimed"
     worker = f"{os.uname().nodename}:{os.getpid()}"
-    clock = LeaseClock()
     with transaction(sessions) as s:
-        # One transaction claims the job, reads what the migration needs and,
-        # when the database is free (the usual case), takes its lease.
-        conn = s.connection()
-        claim = _claim_stmt(conn.dialect.name)
-        params = {"job_id": job_id, "v_worker": worker, "ttl": config.lease_ttl_s}
-        if not conn.execute(claim, params).rowcount:
-            state = conn.execute(_JOB_STATE, {"job_id": job_id}).scalar()
-            log.info("job %s not claimed (state %s)", job_id, state or "missing")
-            return "not_claimed"
-        job = conn.execute(_CLAIMED_JOB, {"job_id": job_id}).one()
-        db_name, project_name, settings = job.database, job.project, job.settings
-        url_encrypted = job.url_encrypted
-        record_event(
-            s,
-            "job.claimed",
-            actor="worker",
-            project=project_name,
-            database=db_name,
-            job_id=job_id,
-            data={"worker": worker, "attempt": job.attempt},
-        )
-        target = job.resolved_target or job.target
-        plan = _Plan(
-            action=job.action,
-            target=target,
-            relative=_is_relative(target),
-            attempt=job.attempt,
-            previously_started=job.started_at is not None,
-            from_heads=job.from_heads,
-            bundle=_bundle(s, job.bundle_pk),
-            url_encrypted=url_encrypted,
-        )
-        ctx = JobContext(
-            job_id, job.database_id, db_name, project_name, settings, 0, sessions, config, clock
-        )
-        granted = _try_lease(s, ctx, worker, time.monotonic(), first=True) is True
-    if not granted:
-        # Waiting for another job: worth telling at once. A granted claim is
-        # not: the job starts (or, already at its target, ends) within
-        # milliseconds, and a waiter woken now would only have to ask again.
+        job = s.connection().execute(_QUEUED_JOB, {"job_id": job_id}).one_or_none()
+        bundle = _bundle(s, job.bundle_pk) if job is not None and job.state == "queued" else None
+    if bundle is None:
+        log.info("job %s not claimed (state %s)", job_id, job.state if job else "missing")
+        return "not_claimed"
+    target = job.resolved_target or job.target
+    plan = _Plan(
+        action=job.action,
+        target=target,
+        relative=_is_relative(target),
+        attempt=job.attempt,
+        previously_started=job.started_at is not None,
+        from_heads=job.from_heads,
+        bundle=bundle,
+        url_encrypted=job.url_encrypted,
+    )
+    ctx = JobContext(
+        job_id,
+        job.database_id,
+        job.database,
+        job.project,
+        job.settings,
+        0,
+        sessions,
+        config,
+        LeaseClock(),
+    )
+    forked = config.isolation == "fork" or bundle.helpers
+    # The usual job (a first attempt, run in this process) opens its target
+    # before the claim, so one transaction claims, leases and starts it.
+    early = None if forked or plan.attempt > 1 else _open_early(ctx, plan)
+    state = granted = started = False
+    try:
+        with transaction(sessions) as s:
+            conn = s.connection()
+            claim = _claim_stmt(conn.dialect.name)
+            params = {"job_id": job_id, "v_worker": worker, "ttl": config.lease_ttl_s}
+            if not conn.execute(claim, params).rowcount:
+                state = conn.execute(_JOB_STATE, {"job_id": job_id}).scalar() or "missing"
+            else:
+                record_event(
+                    s,
+                    "job.claimed",
+                    actor="worker",
+                    project=ctx.project,
+                    database=ctx.database,
+                    job_id=job_id,
+                    data={"worker": worker, "attempt": job.attempt},
+                )
+                granted = _try_lease(s, ctx, worker, time.monotonic(), first=True) is True
+                if granted and early is not None:
+                    early.applied = _start(s, ctx, plan, early.heads, 0, early.noop, early.shas)
+        started = early is not None and early.applied is not None
+    finally:
+        if early is not None and not started:
+            early.close()
+            early = None
+    if state:
+        log.info("job %s not claimed (state %s)", job_id, state)
+        return "not_claimed"
+    # Waiting for another job: worth telling at once. A granted claim is not
+    # (a waiter woken now would only have to ask again); a started job is.
+    if not granted or started:
         ctx.published()
     if not granted and not _acquire_lease(ctx, worker):
         return "not_started"
-    if config.isolation == "fork" or plan.bundle.helpers:
+    if forked:
         return _run_forked(ctx, plan)
-    return _run_here(ctx, plan)
+    return _run_here(ctx, plan, early)
 
 
 def _run_forked(ctx: JobContext, plan: _Plan) -> str:
@@ -468,7 +491,7 @@ class _Beat:
         _wakers.discard(self.wake)
 
 
-def _run_here(ctx: JobContext, plan: _Plan) -> str:
+def _run_here(ctx: JobContext, plan: _Plan, early: _Early | None = None) -> str:
     """Run the migration in this process, with the scripts and target engine it keeps.
 
     For bundles without helper modules: revision files are loaded with
@@ -492,7 +515,7 @@ def _run_here(ctx: JobContext, plan: _Plan) -> str:
     beat = _Beat(ctx, stop)
     ended = False
     try:
-        ended = _run_migration(ctx, ctx.config, plan)
+        ended = _run_migration(ctx, ctx.config, plan, early)
     finally:
         beat.end()
         _finalize(ctx, 0 if ended else 3, beat.lost.is_set(), beat.stopped.is_set())
@@ -855,13 +878,13 @@ def _run_in_child(parent_ctx: JobContext, plan: _Plan) -> bool:
         engine.dispose()
 
 
-def _run_migration(ctx: JobContext, config: Config, plan: _Plan) -> bool:
+def _run_migration(ctx: JobContext, config: Config, plan: _Plan, early=None) -> bool:
     url: URL | None = None
     try:
         url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(plan.url_encrypted))
         bundle_dir = materialize_bundle(ctx, plan.bundle, config.bundle_cache_dir)
         bundle = plan.bundle
-        return _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions)
+        return _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions, early)
     except FencedOutError as exc:
         log.error("job %s: %s; its writes stop here", ctx.job_id, exc)
     except _Halted:
@@ -1183,56 +1206,144 @@ def _prepare(ctx: JobContext, link: _Link, url: URL) -> tuple[int, list[str]]:
     return waited_ms, heads
 
 
-def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions) -> bool:
-    sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
+def _script_dir(plan: _Plan, bundle_dir: Path, versions_path: str, here: bool) -> ScriptDirectory:
+    """The bundle's scripts: cached by a pool process (`here`), importable in a forked child."""
     root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
-    if ctx.halt is None:
-        script = _load_scripts(root, bundle_dir / versions_path, importable=True)
-    else:
-        script = _cached_scripts(plan.bundle.digest, root, bundle_dir / versions_path)
+    if not here:
+        return _load_scripts(root, bundle_dir / versions_path, importable=True)
+    return _cached_scripts(plan.bundle.digest, root, bundle_dir / versions_path)
+
+
+def _start(s: Session, ctx, plan: _Plan, heads, waited_ms: int, noop: bool, shas) -> Any:
+    """Mark the job running (a no-op one: succeeded) in the caller's fenced transaction.
+
+    Returns the checksums of what the database has applied, or None when the
+    job left waiting_for_lock meanwhile (cancelled): nothing was touched.
+    """
+    resumed = plan.attempt > 1
+    stmt = _start_stmt(not plan.previously_started, plan.from_heads is None)
+    params = {
+        "job_id": ctx.job_id,
+        "waited": waited_ms,
+        "v_started_at": utcnow(),
+        "v_from_heads": heads,
+    }
+    if not s.connection().execute(stmt, params).rowcount:
+        return None
+    data = {"target_lock_waited_ms": waited_ms, "current_heads": heads}
+    if resumed:
+        data["attempt"] = plan.attempt
+    ctx.audit(s, "job.resumed" if resumed else "job.started", data)
+    applied = _applied_checksums(s, ctx.database_id)
+    if noop:
+        try:
+            _check_checksums(shas, applied, heads)
+        except JobFailure:
+            return applied  # started only: the caller fails it, saying why
+        ctx.finish(
+            s,
+            {"state": "succeeded", "to_heads": heads},
+            "job.succeeded",
+            {"from_heads": heads, "to_heads": heads, "steps": 0},
+        )
+        applied[_NOOP_DONE] = ""
+    return applied
+
+
+# In the checksums _start returns: the no-op job already ended (succeeded).
+_NOOP_DONE = "\0noop-done"
+
+
+@dataclass
+class _Early:
+    """A target opened, locked and read before the claim (see _open_early)."""
+
+    url: URL
+    settings: dict[str, Any]
+    link: _Link
+    heads: list[str]
+    noop: bool
+    shas: dict[str, str]
+    applied: dict[str, str] | None = None
+
+    def close(self) -> None:
+        """Release the lock and give the connection back (the job goes the ordinary way)."""
+        clean = True
+        try:
+            self.link.conn.rollback()
+            targets.release_session_lock(self.link.conn, self.url, self.settings)
+        except Exception:  # noqa: BLE001 - dropping the session releases it anyway
+            clean = False
+        self.link.close(clean)
+
+
+def _open_early(ctx: JobContext, plan: _Plan) -> _Early | None:
+    """Open the target, take its session lock and read its heads, before the claim.
+
+    Then one transaction claims the job, takes the lease and starts the job
+    (and ends it, already at its target): the usual job costs Retort's
+    database one transaction less, and starts sooner. Only a first attempt,
+    in this process, with one connect attempt and no wait for the lock:
+    anything else (the target slow to answer, its lock held, an error) and
+    the job takes the ordinary way, lease first, which retries, waits and
+    reports. The session lock held a moment before the lease orders nothing
+    new: whoever holds the lease also needs that lock to migrate.
+    """
+    try:
+        url = targets.normalize_url(SecretBox(ctx.config.secret_keys).decrypt(plan.url_encrypted))
+        engine = _target_engine(url, ctx)
+        conn = targets.connect_with_retries(engine, 1, 0)
+    except Exception:  # noqa: BLE001 - the ordinary way connects again, and reports
+        return None
+    link = _Link(engine, conn, True)
+    try:
+        if not targets.try_session_lock(conn, url, ctx.settings):
+            link.close(clean=True)
+            return None
+        targets.apply_session_settings(conn, url, ctx.settings)
+        heads = targets.read_heads(conn, ctx.settings)
+        conn.commit()
+        bundle = plan.bundle
+        bundle_dir = materialize_bundle(ctx, bundle, ctx.config.bundle_cache_dir)
+        script = _script_dir(plan, bundle_dir, bundle.versions_path, here=True)
+        noop = _nothing_to_do(script, plan, heads)
+        shas = {r["id"]: r["sha256"] for r in bundle.revisions}
+        return _Early(url, ctx.settings, link, heads, noop, shas)
+    except Exception:  # noqa: BLE001 - as above
+        try:
+            targets.release_session_lock(conn, url, ctx.settings)
+        except Exception:  # noqa: BLE001
+            pass
+        link.close(clean=False)
+        return None
+
+
+def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions, early=None) -> bool:
+    sha_by_revision = {r["id"]: r["sha256"] for r in revisions}
+    script = _script_dir(plan, bundle_dir, versions_path, here=ctx.halt is not None)
     mysql = targets.dialect_of(url) == "mysql"
-    link = _connect(ctx, url)
+    if early is not None:
+        link, heads, applied = early.link, early.heads, dict(early.applied)
+    else:
+        link = _connect(ctx, url)
     if ctx.halt is not None:
         ctx.halt.link, ctx.halt.url = link, url
     clean = False
     try:
-        waited_ms, heads = _prepare(ctx, link, url)
-        if plan.attempt > 1 and plan.previously_started and mysql:
-            _refuse_blind_resume(script, plan, heads)
+        if early is None:
+            waited_ms, heads = _prepare(ctx, link, url)
+            if plan.attempt > 1 and plan.previously_started and mysql:
+                _refuse_blind_resume(script, plan, heads)
+            # Already there (the usual `upgrade head` of a deploy that changed no
+            # schema): the job starts and succeeds in one transaction, no Alembic run.
+            noop = plan.attempt == 1 and _nothing_to_do(script, plan, heads)
+            applied = ctx.write(
+                lambda s: _start(s, ctx, plan, heads, waited_ms, noop, sha_by_revision)
+            )
+            if applied is None:
+                return False  # cancelled while waiting: nothing was touched
         resumed = plan.attempt > 1
-        # Already there (the usual `upgrade head` of a deploy that changed no
-        # schema): the job starts and succeeds in one transaction, no Alembic run.
-        noop = not resumed and _nothing_to_do(script, plan, heads)
-
-        def start(s: Session) -> int:
-            stmt = _start_stmt(not plan.previously_started, plan.from_heads is None)
-            params = {
-                "job_id": ctx.job_id,
-                "waited": waited_ms,
-                "v_started_at": utcnow(),
-                "v_from_heads": heads,
-            }
-            if not s.connection().execute(stmt, params).rowcount:
-                return None
-            data = {"target_lock_waited_ms": waited_ms, "current_heads": heads}
-            if resumed:
-                data["attempt"] = plan.attempt
-            ctx.audit(s, "job.resumed" if resumed else "job.started", data)
-            applied = _applied_checksums(s, ctx.database_id)
-            if noop:
-                _check_checksums(sha_by_revision, applied, heads)  # raising rolls back
-                ctx.finish(
-                    s,
-                    {"state": "succeeded", "to_heads": heads},
-                    "job.succeeded",
-                    {"from_heads": heads, "to_heads": heads, "steps": 0},
-                )
-            return applied
-
-        applied = ctx.write(start)
-        if applied is None:
-            return False  # cancelled while waiting: nothing was touched
-        if noop:
+        if applied.pop(_NOOP_DONE, None) is not None:
             return True
         from_heads = plan.from_heads if plan.from_heads is not None else heads
         if resumed and plan.action == "upgrade" and plan.from_heads is not None:
