@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -366,3 +368,12 @@ def run_job(client: Client, database: str, timeout: float = 60, **body) -> dict[
     r = client.post("/v1/jobs", {"database": database, **body})
     assert r.status == 202, r
     return client.wait_job(r.body["id"], timeout)
+
+
+def tables(url: str) -> set[str]:
+    """The table names of a target database, read with a connection of its own."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        return set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()

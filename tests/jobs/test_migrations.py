@@ -1,19 +1,18 @@
 """End to end: HTTP → broker → worker process → real target database → audit."""
 
 import pytest
-import sqlalchemy as sa
 
-from tests.helpers import chain_bundle, make_tar, register_db, revision, run_job, setup_project
+from tests.helpers import (
+    chain_bundle,
+    make_tar,
+    register_db,
+    revision,
+    run_job,
+    setup_project,
+    tables,
+)
 
 DIALECTS = ["sqlite", "postgresql", "mysql"]
-
-
-def tables(url: str) -> set[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        return set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

@@ -12,15 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from service import targets
-from tests.helpers import chain_bundle, register_db, setup_project
-
-
-def tables(url: str) -> set[str]:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        return set(sa.inspect(engine).get_table_names())
-    finally:
-        engine.dispose()
+from tests.helpers import chain_bundle, register_db, setup_project, tables
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mysql"])
