@@ -40,7 +40,14 @@ from service.bundles.ops import bundle_files
 from service.config import Config
 from service.crypto import SecretBox
 from service.databases.models import AppliedRevision, Database
-from service.db import epoch_now, make_engine, make_sessionmaker, transaction, utcnow
+from service.db import (
+    autocommit,
+    epoch_now,
+    make_engine,
+    make_sessionmaker,
+    transaction,
+    utcnow,
+)
 from service.jobs.models import FINAL_STATES, Job, JobStep
 from service.jobs.sweeper import hand_over
 from service.locks import ops as leases
@@ -356,9 +363,10 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
             )
         return "not_claimed"
     worker = f"{os.uname().nodename}:{os.getpid()}"
-    with transaction(sessions) as s:
-        job = s.connection().execute(_QUEUED_JOB, {"job_id": job_id}).one_or_none()
-        bundle = _bundle(s, job.bundle_pk) if job is not None and job.state == "queued" else None
+    with autocommit(sessions.kw["bind"]) as conn:  # a read: no BEGIN/COMMIT round trips
+        job = conn.execute(_QUEUED_JOB, {"job_id": job_id}).one_or_none()
+        queued = job is not None and job.state == "queued"
+        bundle = _bundle(conn, job.bundle_pk) if queued else None
     if bundle is None:
         log.info("job %s not claimed (state %s)", job_id, job.state if job else "missing")
         return "not_claimed"
@@ -843,7 +851,7 @@ _bundles: dict[int, _BundleInfo] = {}
 _MAX_BUNDLES = 256
 
 
-def _bundle(s: Session, pk: int) -> _BundleInfo:
+def _bundle(s: Session | Connection, pk: int) -> _BundleInfo:
     info = _bundles.get(pk)
     if info is None:
         row = s.execute(
