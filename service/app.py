@@ -72,7 +72,9 @@ def create_app(config: Config | None = None) -> Flask:
     app.json.sort_keys = False
     # A pre-ping per checkout doubled the round trips of a job read: the API
     # checks its connections without one (see service.db._check_on_checkout).
-    engine = make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S)
+    engine = make_engine(
+        config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S, pool_size=config.api_state_pool
+    )
     sessions = make_sessionmaker(engine)
     dispatcher = Dispatcher(config)
     outbox.attach(sessions, config, dispatcher)

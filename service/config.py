@@ -53,6 +53,9 @@ class Config:
     # The API under gunicorn: threads per process bound the long polls it holds.
     api_processes: int = 2
     api_threads: int = 64
+    # State connections each API process keeps open: as many as its requests
+    # use at once, or it opens and closes a connection per request under load.
+    api_state_pool: int = 16
     # `GET /v1/jobs/{id}?wait=S` holds a request at most this long.
     max_wait_s: float = 30.0
     # How often one thread per API process looks at the jobs its requests wait on.

@@ -46,12 +46,21 @@ def iso(value: dt.datetime | None) -> str | None:
 PING_IDLE_AFTER_S = 10.0
 
 
-def make_engine(url: str, *, pooled: bool = True, ping_idle_after_s: float | None = None) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pooled: bool = True,
+    ping_idle_after_s: float | None = None,
+    pool_size: int = 5,
+) -> Engine:
     """Create the state engine; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE.
 
     Pooled connections are pinged at each checkout (a round trip), unless
     `ping_idle_after_s` is given: then only those idle for longer are, and the
     others are checked without a round trip (see _check_on_checkout).
+    `pool_size` connections are kept; up to 10 more are opened under load and
+    closed again when returned (so a pool smaller than the number of threads
+    that use it at once opens and closes connections all the time).
     """
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -81,7 +90,7 @@ def make_engine(url: str, *, pooled: bool = True, ping_idle_after_s: float | Non
         return create_engine(url, poolclass=NullPool)
     if ping_idle_after_s is None:
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url)
+    engine = create_engine(url, pool_size=pool_size)
     _check_on_checkout(engine, ping_idle_after_s)
     return engine
 
