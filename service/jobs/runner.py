@@ -94,8 +94,9 @@ def _claim_stmt(dialect: str) -> sa.Update:
     )
 
 
-_CLAIMED_JOB = (
+_QUEUED_JOB = (
     select(
+        _jobs.c.state,
         _jobs.c.database_id,
         _jobs.c.action,
         _jobs.c.target,
@@ -113,7 +114,6 @@ _CLAIMED_JOB = (
     .join(Project.__table__, Project.id == _jobs.c.project_id)
     .where(_jobs.c.id == bindparam("job_id"))
 )
-_QUEUED_JOB = _CLAIMED_JOB.add_columns(_jobs.c.state)
 _JOB_STATE = select(_jobs.c.state).where(_jobs.c.id == bindparam("job_id"))
 
 
@@ -416,8 +416,8 @@ def run_job(config: Config, sessions: sessionmaker[Session], job_id: int) -> str
                 )
                 granted = _try_lease(s, ctx, worker, time.monotonic(), first=True) is True
                 if granted and early is not None:
-                    early.applied = _start(s, ctx, plan, early.heads, 0, early.noop, early.shas)
-        started = early is not None and early.applied is not None
+                    early.started = _start(s, ctx, plan, early.heads, 0, early.noop, early.shas)
+        started = early is not None and early.started is not None
     finally:
         if early is not None and not started:
             early.close()
@@ -1222,11 +1222,18 @@ def _script_dir(plan: _Plan, bundle_dir: Path, versions_path: str, here: bool) -
     return _cached_scripts(plan.bundle.digest, root, bundle_dir / versions_path)
 
 
-def _start(s: Session, ctx, plan: _Plan, heads, waited_ms: int, noop: bool, shas) -> Any:
+@dataclass
+class _Started:
+    """What _start found: the checksums the database has applied; whether the job ended."""
+
+    applied: dict[str, str]
+    ended: bool = False
+
+
+def _start(s: Session, ctx, plan: _Plan, heads, waited_ms, noop, shas) -> _Started | None:
     """Mark the job running (a no-op one: succeeded) in the caller's fenced transaction.
 
-    Returns the checksums of what the database has applied, or None when the
-    job left waiting_for_lock meanwhile (cancelled): nothing was touched.
+    None when the job left waiting_for_lock meanwhile (cancelled): nothing was touched.
     """
     resumed = plan.attempt > 1
     stmt = _start_stmt(not plan.previously_started, plan.from_heads is None)
@@ -1247,19 +1254,15 @@ def _start(s: Session, ctx, plan: _Plan, heads, waited_ms: int, noop: bool, shas
         try:
             _check_checksums(shas, applied, heads)
         except JobFailure:
-            return applied  # started only: the caller fails it, saying why
+            return _Started(applied)  # started only: the caller fails it, saying why
         ctx.finish(
             s,
             {"state": "succeeded", "to_heads": heads},
             "job.succeeded",
             {"from_heads": heads, "to_heads": heads, "steps": 0},
         )
-        applied[_NOOP_DONE] = ""
-    return applied
-
-
-# In the checksums _start returns: the no-op job already ended (succeeded).
-_NOOP_DONE = "\0noop-done"
+        return _Started(applied, ended=True)
+    return _Started(applied)
 
 
 @dataclass
@@ -1272,7 +1275,7 @@ class _Early:
     heads: list[str]
     noop: bool
     shas: dict[str, str]
-    applied: dict[str, str] | None = None
+    started: _Started | None = None  # by the claim transaction
 
     def close(self) -> None:
         """Release the lock and give the connection back (the job goes the ordinary way)."""
@@ -1331,7 +1334,7 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions, early=
     script = _script_dir(plan, bundle_dir, versions_path, here=ctx.halt is not None)
     mysql = targets.dialect_of(url) == "mysql"
     if early is not None:
-        link, heads, applied = early.link, early.heads, dict(early.applied)
+        link, heads, started = early.link, early.heads, early.started
     else:
         link = _connect(ctx, url)
     if ctx.halt is not None:
@@ -1345,14 +1348,14 @@ def _migrate(ctx, url, plan: _Plan, bundle_dir, versions_path, revisions, early=
             # Already there (the usual `upgrade head` of a deploy that changed no
             # schema): the job starts and succeeds in one transaction, no Alembic run.
             noop = plan.attempt == 1 and _nothing_to_do(script, plan, heads)
-            applied = ctx.write(
+            started = ctx.write(
                 lambda s: _start(s, ctx, plan, heads, waited_ms, noop, sha_by_revision)
             )
-            if applied is None:
+            if started is None:
                 return False  # cancelled while waiting: nothing was touched
-        resumed = plan.attempt > 1
-        if applied.pop(_NOOP_DONE, None) is not None:
+        if started.ended:
             return True
+        applied, resumed = started.applied, plan.attempt > 1
         from_heads = plan.from_heads if plan.from_heads is not None else heads
         if resumed and plan.action == "upgrade" and plan.from_heads is not None:
             _record_lost_steps(ctx, script, plan.from_heads, heads, sha_by_revision)
