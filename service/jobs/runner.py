@@ -889,7 +889,10 @@ def _run_in_child(parent_ctx: JobContext, plan: _Plan) -> bool:
 def _run_migration(ctx: JobContext, config: Config, plan: _Plan, early=None) -> bool:
     url: URL | None = None
     try:
-        url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(plan.url_encrypted))
+        if early is not None:
+            url = early.url
+        else:
+            url = targets.normalize_url(SecretBox(config.secret_keys).decrypt(plan.url_encrypted))
         bundle_dir = materialize_bundle(ctx, plan.bundle, config.bundle_cache_dir)
         bundle = plan.bundle
         return _migrate(ctx, url, plan, bundle_dir, bundle.versions_path, bundle.revisions, early)
@@ -1208,10 +1211,15 @@ def _take_session_lock(ctx: JobContext, conn: Connection, url: URL) -> int:
 def _prepare(ctx: JobContext, link: _Link, url: URL) -> tuple[int, list[str]]:
     """Take the target's session lock and read its heads; return (waited ms, heads)."""
     waited_ms = _take_session_lock(ctx, link.conn, url)
-    targets.apply_session_settings(link.conn, url, ctx.settings)
-    heads = targets.read_heads(link.conn, ctx.settings)
-    link.conn.commit()  # the autobegin trap: Alembic must start from no transaction
-    return waited_ms, heads
+    return waited_ms, _session_heads(link.conn, url, ctx.settings)
+
+
+def _session_heads(conn: Connection, url: URL, settings: dict[str, Any]) -> list[str]:
+    """Under the session lock: set the project's timeouts, read the heads, commit."""
+    targets.apply_session_settings(conn, url, settings)
+    heads = targets.read_heads(conn, settings)
+    conn.commit()  # the autobegin trap: Alembic must start from no transaction
+    return heads
 
 
 def _script_dir(plan: _Plan, bundle_dir: Path, versions_path: str, here: bool) -> ScriptDirectory:
@@ -1311,9 +1319,7 @@ def _open_early(ctx: JobContext, plan: _Plan) -> _Early | None:
         if not targets.try_session_lock(conn, url, ctx.settings):
             link.close(clean=True)
             return None
-        targets.apply_session_settings(conn, url, ctx.settings)
-        heads = targets.read_heads(conn, ctx.settings)
-        conn.commit()
+        heads = _session_heads(conn, url, ctx.settings)
         bundle = plan.bundle
         bundle_dir = materialize_bundle(ctx, bundle, ctx.config.bundle_cache_dir)
         script = _script_dir(plan, bundle_dir, bundle.versions_path, here=True)
@@ -1321,11 +1327,7 @@ def _open_early(ctx: JobContext, plan: _Plan) -> _Early | None:
         shas = {r["id"]: r["sha256"] for r in bundle.revisions}
         return _Early(url, ctx.settings, link, heads, noop, shas)
     except Exception:  # noqa: BLE001 - as above
-        try:
-            targets.release_session_lock(conn, url, ctx.settings)
-        except Exception:  # noqa: BLE001
-            pass
-        link.close(clean=False)
+        link.close(clean=False)  # dropped, so its session lock goes with it
         return None
 
 

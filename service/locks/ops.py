@@ -101,7 +101,7 @@ def release_fenced(session: Session, database_id: int, token: int) -> None:
     token is stale gets FencedOutError and releases nothing.
     """
     if not release(session, database_id, token):
-        _refuse(session, database_id, token, lock=False)
+        raise _stale(token, _current(session, database_id, lock=False))
 
 
 def check_fence(session: Session, database_id: int, token: int, *, lock: bool = True) -> None:
@@ -112,22 +112,15 @@ def check_fence(session: Session, database_id: int, token: int, *, lock: bool = 
     until the write committed. `lock=False` only reads: a check before a
     target commit whose records are written later, in a locked transaction.
     """
-    current = (
-        session.connection()
-        .execute(_READ_LOCKED if lock else _READ, {"p_database_id": database_id})
-        .one()
-    )
+    current = _current(session, database_id, lock)
     if current.token != token or current.holder_job_id is None:
         raise _stale(token, current)
 
 
-def _refuse(session: Session, database_id: int, token: int, lock: bool) -> None:
-    current = (
-        session.connection()
-        .execute(_READ_LOCKED if lock else _READ, {"p_database_id": database_id})
-        .one()
-    )
-    raise _stale(token, current)
+def _current(session: Session, database_id: int, lock: bool):
+    """The lease row's token and holder (locked: FOR UPDATE)."""
+    params = {"p_database_id": database_id}
+    return session.connection().execute(_READ_LOCKED if lock else _READ, params).one()
 
 
 def _stale(token: int, current) -> FencedOutError:
