@@ -40,6 +40,7 @@ SECTIONS = ("fleet", "latency", "api", "scale", "memory")
 FULL = {
     "fleet_sqlite": 200,
     "fleet_pg": 50,
+    "fleet_rounds": 3,
     "revisions": 30,
     "latency_reps": 200,
     "latency_warmup": 5,
@@ -52,6 +53,7 @@ FULL = {
 QUICK = {
     "fleet_sqlite": 3,
     "fleet_pg": 2,
+    "fleet_rounds": 2,
     "revisions": 30,
     "latency_reps": 5,
     "latency_warmup": 1,
@@ -175,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                     failures,
                     f"fleet {dialect}",
                     lambda d=dialect, n=n: fleet.run(
-                        res, cluster, d, n, sizes["revisions"], profiler=prof
+                        res,
+                        cluster,
+                        d,
+                        n,
+                        sizes["revisions"],
+                        rounds=sizes["fleet_rounds"],
+                        profiler=prof,
                     ),
                 )
                 if r:
