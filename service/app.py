@@ -88,7 +88,8 @@ def create_app(config: Config | None = None) -> Flask:
             sessions,
             config.watch_interval_s,
             config.max_waiters,
-            lambda on_job: notify.listen(config.broker_url, config.queue, on_job),
+            lambda on_job, on_live: notify.listen(config.broker_url, config.queue, on_job, on_live),
+            config.watch_live_interval_s,
         ),
         finished_jobs=FinishedJobs(),
     )

@@ -58,8 +58,11 @@ class Config:
     api_state_pool: int = 16
     # `GET /v1/jobs/{id}?wait=S` holds a request at most this long.
     max_wait_s: float = 30.0
-    # How often one thread per API process looks at the jobs its requests wait on.
+    # How often one thread per API process looks at the jobs its requests wait
+    # on; while the broker's Redis channel is live (workers publish each move),
+    # only every watch_live_interval_s, for a publish that failed.
     watch_interval_s: float = 0.05
+    watch_live_interval_s: float = 1.0
     # An Idempotency-Key is remembered this long.
     idempotency_ttl_s: float = 24 * 3600.0
     # Webhook deliveries: attempts, the first retry delay (doubling, capped), timeout.

@@ -5,7 +5,8 @@ JobWatcher in each API process. A worker publishes a job's id on one channel
 after each commit that changes what a client sees; every API process listens
 and looks at its watched jobs right away. The message only says "look at job
 N": the job row stays the record of truth, and a lost message costs one
-polling interval (`watch_interval_s`), never a missed change.
+polling interval (`watch_interval_s`, or `watch_live_interval_s` while the
+channel is live), never a missed change.
 """
 
 from __future__ import annotations
@@ -56,25 +57,41 @@ class Publisher:
                 log.warning("could not publish job progress (%s); API polling covers it", exc)
 
 
-def listen(broker_url: str, queue: str, on_job: Callable[[int], None]) -> threading.Thread | None:
-    """Call on_job(job_id) for every published id, from a daemon thread; reconnects forever."""
+def listen(
+    broker_url: str,
+    queue: str,
+    on_job: Callable[[int], None],
+    on_live: Callable[[bool], None] | None = None,
+) -> threading.Thread | None:
+    """Call on_job(job_id) for every published id, from a daemon thread; reconnects forever.
+
+    on_live(True) once Redis confirmed the subscription (from then on every
+    id published reaches on_job, in order), on_live(False) when it is lost.
+    """
     client = redis_client(broker_url)
     if client is None:
         return None
+    live = on_live or (lambda _live: None)
 
     def run() -> None:
         delay = 0.5
         while True:
             try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub = client.pubsub()
                 pubsub.subscribe(channel(queue))
                 delay = 0.5
                 for message in pubsub.listen():
+                    if message["type"] == "subscribe":
+                        live(True)
+                        continue
+                    if message["type"] != "message":
+                        continue
                     try:
                         on_job(int(message["data"]))
                     except ValueError:
                         continue
             except redis.RedisError as exc:
+                live(False)
                 log.warning("job progress channel lost (%s); retrying in %.1f s", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -113,6 +113,8 @@ def show_job(job_id: int):
         check_visible(job_id, cached.project, principal())
         response = current_app.response_class(cached.body, mimetype=current_app.json.mimetype)
         return response, 200, {"ETag": cached.etag, "Cache-Control": "no-store"}
+    # Taken before the read: a job that moves after it wakes the wait below.
+    mark = svc.watcher.mark() if params.wait > 0 else None
     out = _read_job(svc, job_id, principal())
     etag = job_etag(out)
     headers = {"ETag": etag, "Cache-Control": "no-store"}
@@ -125,7 +127,8 @@ def show_job(job_id: int):
     if wait > 0 and out["state"] not in FINAL_STATES and seen == etag:
         deadline = time.monotonic() + wait
         try:
-            while svc.watcher.wait(job_id, seen, deadline - time.monotonic()):
+            while svc.watcher.wait(job_id, seen, deadline - time.monotonic(), since=mark):
+                mark = svc.watcher.mark()
                 out = _read_job(svc, job_id, principal())
                 headers["ETag"] = job_etag(out)
                 if headers["ETag"] != seen or deadline <= time.monotonic():
@@ -155,6 +158,7 @@ def job_events(job_id: int):
     step so far.
     """
     svc = services()
+    mark = svc.watcher.mark()
     first = _read_job(svc, job_id, principal())  # 404 before the stream starts
     try:
         svc.watcher.reserve()
@@ -170,7 +174,7 @@ def job_events(job_id: int):
             svc.watcher.release()
 
     def stream():
-        job, sent_steps, sent_state = first, 0, None
+        job, sent_steps, sent_state, since = first, 0, None, mark
         deadline = time.monotonic() + MAX_STREAM_S
         yield f"retry: {RETRY_AFTER_S * 1000}\n\n"
         try:
@@ -188,10 +192,11 @@ def job_events(job_id: int):
                 if time.monotonic() > deadline:
                     return  # the client reconnects and starts over
                 seen = job_etag({**job, "steps": steps})
-                if not svc.watcher.wait(job_id, seen, KEEPALIVE_S, reserved=True):
+                if not svc.watcher.wait(job_id, seen, KEEPALIVE_S, reserved=True, since=since):
                     # A comment line keeps proxies from closing an idle stream and
                     # tells us early when the client has gone.
                     yield ": keepalive\n\n"
+                since = svc.watcher.mark()
                 job = _read_job(svc, job_id, None)
         finally:
             release()
