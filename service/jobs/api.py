@@ -27,8 +27,8 @@ from service.jobs.ops import (
     job_etag,
     list_history,
     list_jobs,
-    mark_dispatched,
     read_job,
+    undispatched,
 )
 from service.jobs.schemas import (
     HistoryList,
@@ -73,21 +73,27 @@ def post_job():
     outcome: dict[str, Any] = {"coalesced": False}
 
     def create(s) -> tuple[str, int]:
-        job, outcome["coalesced"] = create_job(s, body, actor(), principal())
-        outcome["job"] = read_job(s, job.id)  # the document as it commits
-        return str(job.id), 202
+        created = create_job(s, body, actor(), principal(), dispatch=True)
+        outcome["coalesced"] = created.coalesced
+        # The document as it commits.
+        outcome["job"] = created.document or read_job(s, created.job.id)
+        return str(created.job.id), 202
 
     resource, status, replayed = idempotent("POST /v1/jobs", body.model_dump(mode="json"), create)
     job_id = int(resource)
     if not outcome["coalesced"] and not replayed:
-        # Sent after the commit: a worker must find the row. If the broker is
-        # down the job stays queued and the sweeper sends it again.
+        # Sent after the commit: a worker must find the row. The row says it
+        # was handed over; if the broker is down that mark is cleared and the
+        # sweeper sends the job again within seconds.
         try:
             svc.dispatcher.send_job(job_id)
-            with autocommit(svc.engine) as conn:
-                mark_dispatched(conn, job_id)
         except Exception:  # noqa: BLE001
             log.exception("could not send job %s to the broker; the sweeper will", job_id)
+            try:
+                with autocommit(svc.engine) as conn:
+                    undispatched(conn, job_id)
+            except Exception:  # noqa: BLE001 - then the sweeper's slower resend covers it
+                log.exception("could not mark job %s as not sent", job_id)
     out = _read_job(svc, job_id, None) if replayed else outcome["job"]
     out["coalesced_into"] = job_id if outcome["coalesced"] else None
     headers = {"Location": url_for("jobs.show_job", job_id=job_id), "ETag": job_etag(out)}

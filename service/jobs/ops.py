@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row, Select, and_, bindparam, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
@@ -29,25 +29,68 @@ _RELATIVE = re.compile(r"[+-]\d+$")
 MAX_ID = 2**63
 
 
+class Created(NamedTuple):
+    job: Job
+    coalesced: bool
+    # The new job's document as it commits (what read_job would return), None
+    # when the request was coalesced into an existing job.
+    document: dict[str, Any] | None
+
+
+_b = aliased(Bundle)
+# The database, its project and the project's latest bundle in one statement,
+# the database row locked: two requests for one database cannot both miss the
+# pending job (SQLite's BEGIN IMMEDIATE already serializes).
+_REQUEST_LATEST = (
+    select(Database, Project, Bundle)
+    .join(Project, Project.id == Database.project_id)
+    .outerjoin(
+        Bundle,
+        Bundle.pk == select(func.max(_b.pk)).where(_b.project_id == Project.id).scalar_subquery(),
+    )
+    .where(Database.name == bindparam("name"))
+    .with_for_update(of=Database)
+)
+_REQUEST = (
+    select(Database, Project)
+    .join(Project, Project.id == Database.project_id)
+    .where(Database.name == bindparam("name"))
+    .with_for_update(of=Database)
+)
+
+
 def create_job(
-    session: Session, body: JobCreate, actor: str, who: Principal | None = None
-) -> tuple[Job, bool]:
+    session: Session,
+    body: JobCreate,
+    actor: str,
+    who: Principal | None = None,
+    dispatch: bool = False,
+) -> Created:
     """Queue a migration, or attach to an identical one still waiting to start.
 
-    Returns the job and whether the request was coalesced into an existing one.
     Twenty pipelines asking for the same `upgrade head` queue one migration: a
     pending job with the same database, action, absolute target and bundle
     takes the later requests, and all of them see its outcome. Relative targets
     (`+1`) never coalesce: two requests for one more step mean two steps.
+
+    `dispatch`: the caller sends the job's message right after the commit, so
+    the row is marked as handed to the broker now (the caller clears the mark
+    if sending fails; see jobs.sweeper).
     """
-    db = get_database(session, body.database, who)
-    project = session.get(Project, db.project_id)
-    bundle = get_bundle(session, project, body.bundle or "latest")
+    ref = body.bundle or "latest"
+    row = session.execute(
+        _REQUEST_LATEST if ref == "latest" else _REQUEST, {"name": body.database}
+    ).first()
+    if row is not None and who is not None and not who.sees(row.Project.name):
+        row = None
+    if row is None:
+        raise NotFoundError(f"no database named {body.database!r}", {"database": body.database})
+    db, project = row.Database, row.Project
+    bundle = row.Bundle if ref == "latest" else None
+    if bundle is None:
+        bundle = get_bundle(session, project, ref)  # a digest, or the 404 of no bundle yet
     target = check_target(bundle, body.action, body.target)
     if body.coalesce and not _RELATIVE.search(target):
-        # Serialize requests for one database so two of them cannot both miss
-        # the pending job (SQLite's BEGIN IMMEDIATE already serializes).
-        session.execute(select(Database.id).where(Database.id == db.id).with_for_update())
         # Only the newest active job of the database: attaching to an older one
         # would report its outcome while a later job may undo it.
         newest = session.scalar(
@@ -73,7 +116,7 @@ def create_job(
                 job_id=pending.id,
                 data={"action": body.action, "target": target, "bundle": bundle.digest},
             )
-            return pending, True
+            return Created(pending, True, None)
     job = Job(
         database_id=db.id,
         project_id=project.id,
@@ -81,7 +124,10 @@ def create_job(
         action=body.action,
         target=target,
         state="queued",
+        attempt=1,
         requested_by=actor,
+        created_at=utcnow(),
+        dispatched_at=utcnow() if dispatch else None,
     )
     session.add(job)
     session.flush()
@@ -94,11 +140,40 @@ def create_job(
         job_id=job.id,
         data={"action": job.action, "target": job.target, "bundle": bundle.digest},
     )
-    return job, False
+    return Created(job, False, _new_document(job, db.name, project.name, bundle.digest))
 
 
-def mark_dispatched(db: Session | Connection, job_id: int) -> None:
-    db.execute(update(_jobs).where(_jobs.c.id == job_id).values(dispatched_at=utcnow()))
+def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[str, Any]:
+    """A just-inserted job's document, as read_job would read it back."""
+    return {
+        "id": job.id,
+        "database": database,
+        "project": project,
+        "bundle": bundle,
+        "action": job.action,
+        "target": job.target,
+        "state": job.state,
+        "attempt": job.attempt,
+        "from_heads": None,
+        "to_heads": None,
+        "error": None,
+        "lock": {"fencing_token": None, "waited_ms": None},
+        "requested_by": job.requested_by,
+        "worker": None,
+        "created_at": iso(job.created_at),
+        "started_at": None,
+        "finished_at": None,
+        "steps": [],
+    }
+
+
+def undispatched(db: Session | Connection, job_id: int) -> None:
+    """Sending the job's message failed: let the sweeper send it soon."""
+    db.execute(
+        update(_jobs)
+        .where(_jobs.c.id == job_id, _jobs.c.state == "queued")
+        .values(dispatched_at=None)
+    )
 
 
 def get_job(session: Session, job_id: int, who: Principal | None = None) -> Job:

@@ -4,8 +4,11 @@ The job row is the record of truth, not the broker's message:
 
 - A job still `queued` with no live message is sent again: at once after the
   broker lost its data (a restart of a Redis that keeps nothing on disk, a
-  flush), otherwise once it has been queued for `redispatch_after_s`. The
-  worker's conditional claim makes a duplicate message harmless.
+  flush), within seconds when sending it failed (the API then clears its
+  `dispatched_at`, set in the commit that created the job), otherwise once it
+  has been queued for `redispatch_after_s` (an API process killed between its
+  commit and its send). The worker's conditional claim makes a duplicate
+  message harmless.
 - A job whose worker stopped (its lease expired, or its claim expired while it
   waited for the lease) is handed over: queued again as its next attempt, which
   re-reads the target's current heads and goes on from there, or failed with

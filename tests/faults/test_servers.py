@@ -42,6 +42,40 @@ def test_jobs_queued_when_redis_restarts_all_complete(stack, new_db, tmp_path):
     assert "the broker lost its messages" in s.logs()
 
 
+def _dispatched_at(s, job_id: int):
+    engine = sa.create_engine(s.env["RETORT_DATABASE_URL"], poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text("SELECT dispatched_at FROM jobs WHERE id = :id"), {"id": job_id}
+            ).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_a_job_posted_while_redis_is_down_is_sent_once_it_is_back(stack, new_db):
+    s = stack()
+    c = s.client
+    project, _ = setup_project(c, chain_bundle(2))
+    db = register_db(c, project, new_db("sqlite"))
+    # Sent: the commit that created the job also marked it handed over.
+    sent = c.post("/v1/jobs", {"database": db, "target": "+1"})
+    assert sent.status == 202
+    assert c.wait_job(sent.body["id"])["state"] == "succeeded"
+    assert _dispatched_at(s, sent.body["id"]) is not None
+    s.redis.kill()
+    r = c.post("/v1/jobs", {"database": db, "target": "head"})
+    assert r.status == 202, r.body
+    assert r.body["state"] == "queued"
+    # Sending failed: the mark is cleared, so the sweeper sends it within
+    # seconds (the stack's fallback resend is an hour away).
+    assert _dispatched_at(s, r.body["id"]) is None
+    s.redis.start()
+    job = c.wait_job(r.body["id"], timeout=60)
+    assert job["state"] == "succeeded", job
+    assert job["to_heads"] == ["t002"]
+
+
 def test_state_postgres_restarted_while_a_job_runs(stack, new_db, tmp_path):
     s = stack(private_state=True)
     c = s.client

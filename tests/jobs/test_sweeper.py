@@ -4,7 +4,7 @@ import time
 
 from service.db import make_engine, make_sessionmaker, transaction
 from service.jobs.models import Job
-from service.jobs.ops import create_job
+from service.jobs.ops import create_job, read_job
 from service.jobs.schemas import JobCreate
 from service.locks.models import Lease
 from tests.helpers import chain_bundle, register_db, setup_project
@@ -20,8 +20,13 @@ def test_queued_job_whose_message_was_lost_still_runs(retort, new_db):
     db = register_db(c, project, new_db("sqlite"))
     # The row is committed but no message ever reaches the broker (as when the
     # broker is down during the request).
-    with transaction(_sessions(retort)) as s:
-        job_id = create_job(s, JobCreate(database=db, target="head"), "admin")[0].id
+    sessions = _sessions(retort)
+    with transaction(sessions) as s:
+        created = create_job(s, JobCreate(database=db, target="head"), "admin")
+    job_id = created.job.id
+    # What POST answers is built without reading the row back: it is that row.
+    with transaction(sessions) as s:
+        assert read_job(s, job_id) == created.document
     job = c.wait_job(job_id, timeout=60)
     assert job["state"] == "succeeded", job
     assert job["to_heads"] == ["t002"]
