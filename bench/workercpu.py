@@ -1,6 +1,6 @@
 """A worker's own CPU per job, against Alembic's floor, with the disk taken out.
 
-    .venv/bin/python bench/workercpu.py [--jobs 100] [--dir /dev/shm]
+    .venv/bin/python bench/workercpu.py [--jobs 100] [--dir /dev/shm] [--profile FILE]
 
 One process, no Celery, no second worker: N jobs of the fleet's 30-revision
 chain are created through the API (Flask's test client, PostgreSQL state) and
@@ -20,6 +20,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import logging
@@ -45,6 +46,11 @@ def main() -> None:
         "--no-freeze",
         action="store_true",
         help="leave the heap unfrozen, as pool processes did before commit 34a06b3",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="cProfile the timed jobs (the main thread) into FILE; the times then include it",
     )
     args = parser.parse_args()
     from cryptography.fernet import Fernet
@@ -102,9 +108,15 @@ def main() -> None:
             gc.collect()
             gc.freeze()
         runner.run_job(config, sessions, job_ids[0])
+        profile = cProfile.Profile() if args.profile else None
         wall, cpu = time.perf_counter(), time.process_time()
+        if profile:
+            profile.enable()
         for job_id in job_ids[1:]:
             runner.run_job(config, sessions, job_id)
+        if profile:
+            profile.disable()
+            profile.dump_stats(args.profile)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         states = [ok("GET", f"/v1/jobs/{j}")["state"] for j in job_ids]
         if set(states) != {"succeeded"}:
