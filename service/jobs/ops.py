@@ -117,6 +117,7 @@ def create_job(
                 data={"action": body.action, "target": target, "bundle": bundle.digest},
             )
             return Created(pending, True, None)
+    now = utcnow()
     job = Job(
         database_id=db.id,
         project_id=project.id,
@@ -126,8 +127,8 @@ def create_job(
         state="queued",
         attempt=1,
         requested_by=actor,
-        created_at=utcnow(),
-        dispatched_at=utcnow() if dispatch else None,
+        created_at=now,
+        dispatched_at=now if dispatch else None,
     )
     session.add(job)
     session.flush()
