@@ -368,6 +368,8 @@ class Resources:
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETORT_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # The benchmarks' SQLite targets live in temporary folders (res.tmpdir).
+    env["RETORT_SQLITE_ROOTS"] = tempfile.gettempdir()
     return env
 
 

@@ -63,6 +63,7 @@ def main() -> None:
             "RETORT_BROKER_URL": h.REDIS,
             "RETORT_QUEUE": res.new_queue(),
             "RETORT_DATA_DIR": str(res.tmpdir("cpu-data")),
+            "RETORT_SQLITE_ROOTS": str(targets_dir),
             "RETORT_ADMIN_TOKEN": f"rtbench-admin-{h.RUN_ID}",
             "RETORT_SECRET_KEY": Fernet.generate_key().decode(),
         }

@@ -24,6 +24,13 @@ def _config(data_dir: str | None, port: int | None) -> Config:
     return Config.from_env(**overrides)
 
 
+def _make_target_root(config: Config) -> None:
+    """Create the default SQLite target folder (data_dir/targets) if it is a root."""
+    default = config.data_dir / "targets"
+    if str(default) in config.sqlite_roots:
+        default.mkdir(parents=True, exist_ok=True)
+
+
 @click.group()
 def main() -> None:
     """Retort: migration-as-a-service for Alembic."""
@@ -56,6 +63,7 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
 
     config = _config(data_dir, port)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    _make_target_root(config)
     upgrade_schema(config.database_url)
     env = {**os.environ, **config.as_env()}
     procs: list[subprocess.Popen] = []
@@ -140,6 +148,7 @@ def api(port: int | None, threads: int | None, processes: int | None) -> None:
 def worker(concurrency: int, name: str) -> None:
     """Run only a migration worker under Celery (production)."""
     config = _config(None, None)
+    _make_target_root(config)
     cmd = worker_command(config, concurrency, name)
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 

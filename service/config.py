@@ -34,6 +34,10 @@ class Config:
     connect_attempts: int = 4
     connect_backoff_s: float = 0.5
     connect_timeout_s: int = 5
+    # Absolute folders SQLite targets must lie in (RETORT_SQLITE_ROOTS, separated
+    # by os.pathsep). from_env's default, with the variable unset: the data
+    # directory's targets/ folder only; set but empty: no SQLite target at all.
+    sqlite_roots: tuple[str, ...] = ()
     # A job whose worker was lost is run again from the target's current heads,
     # up to this many attempts in all.
     max_attempts: int = 3
@@ -98,9 +102,11 @@ class Config:
                 "admin_token",
                 "secret_keys",
                 "port",
+                "sqlite_roots",
             }:
                 typ = type(getattr(cls, name))
                 extra[name] = typ(env[var])
+        extra["sqlite_roots"] = _sqlite_roots(env.get("RETORT_SQLITE_ROOTS"), data_dir)
         extra.update(overrides)
         return cls(
             database_url=database_url,
@@ -140,7 +146,19 @@ class Config:
         for f in dataclasses.fields(self):
             if f.name != "secret_keys":
                 env["RETORT_" + f.name.upper()] = str(getattr(self, f.name))
+        env["RETORT_SQLITE_ROOTS"] = os.pathsep.join(self.sqlite_roots)
         return env
+
+
+def _sqlite_roots(raw: str | None, data_dir: Path) -> tuple[str, ...]:
+    """Parse RETORT_SQLITE_ROOTS; unset means the data directory's targets/ folder."""
+    if raw is None:
+        return (str(data_dir / "targets"),)
+    roots = tuple(os.path.normpath(p.strip()) for p in raw.split(os.pathsep) if p.strip())
+    relative = [p for p in roots if not os.path.isabs(p)]
+    if relative:
+        raise ValueError(f"RETORT_SQLITE_ROOTS takes absolute paths, not {relative}")
+    return roots
 
 
 def _file_secret(path: Path, make) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import ipaddress
 import os
+import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext
@@ -15,6 +18,9 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from service.errors import InvalidError
+
+if TYPE_CHECKING:
+    from service.config import Config
 
 DRIVERS = {
     "postgresql": "postgresql+psycopg",
@@ -58,6 +64,186 @@ def normalize_url(raw: str) -> URL:
             "a SQLite target needs a file path (sqlite:////abs/path.db)", {"field": "url"}
         )
     return url
+
+
+# Query options a target URL may not carry: the drivers let them override the
+# host, port or database the URL shows (so the checks below would look at the
+# wrong server), or make the connecting process read files of Retort's host.
+REFUSED_OPTIONS = {
+    "postgresql": ("host", "hostaddr", "port", "dbname", "service", "servicefile", "passfile"),
+    "mysql": (
+        "host",
+        "port",
+        "db",
+        "database",
+        "unix_socket",
+        "read_default_file",
+        "read_default_group",
+        "local_infile",
+    ),
+    "sqlite": ("uri",),
+}
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
+
+
+def check_target(url: URL, config: Config) -> None:
+    """Refuse a target that is Retort itself or the host: 422 with a stable code.
+
+    Refused: Retort's own state database (same dialect family, host, port and
+    database; the same file for SQLite, after resolving links), anything in
+    its data directory but the targets/ folder, and a SQLite path outside
+    `config.sqlite_roots`. Nothing here depends on whether a file exists, so
+    the answer tells nothing about the host's files. Hostnames are compared,
+    not resolved (a name the API looked up could point elsewhere by the time
+    a job runs): the state database's password is what keeps a tenant out of
+    it, this check keeps an honest mistake and the obvious attempt out.
+    """
+    dialect = dialect_of(url)
+    refused = sorted(k for k in url.query if k.lower() in REFUSED_OPTIONS[dialect])
+    if refused:
+        raise InvalidError(
+            f"a target URL may not set {', '.join(refused)} in its query string: put the host, "
+            "port and database in the URL itself (user:password@host:port/database)",
+            {"field": "url", "options": refused},
+            code="url_option_not_allowed",
+        )
+    if dialect == "sqlite":
+        _check_sqlite_path(url.database or "", config)
+    elif _same_server(url, make_url(config.database_url)):
+        raise InvalidError(
+            "this URL names Retort's own state database: a target must be another database",
+            {"field": "url"},
+            code="target_is_retort",
+        )
+
+
+def _same_server(target: URL, state: URL) -> bool:
+    family = dialect_of(target)
+    if state.get_backend_name() not in ("postgresql", "mysql", "mariadb"):
+        return False
+    if dialect_of(state) != family:
+        return False
+    if (target.port or DEFAULT_PORTS[family]) != (state.port or DEFAULT_PORTS[family]):
+        return False
+    ours, theirs = _database_name(target), _database_name(state)
+    if family == "mysql":  # case-insensitive where the server's file system is
+        ours, theirs = ours.casefold(), theirs.casefold()
+    return ours == theirs and _same_host(target.host, state.host)
+
+
+def _database_name(url: URL) -> str:
+    if dialect_of(url) == "postgresql":  # libpq's default database is the user's name
+        return url.database or url.username or ""
+    return url.database or ""
+
+
+def _same_host(target: str | None, state: str | None) -> bool:
+    """Whether two URL hosts name one server: every name of this machine counts as one."""
+    a, b = _host_key(target), _host_key(state)
+    if a == b:
+        return True
+    try:  # an address literal against the state's (trusted) name
+        return str(ipaddress.ip_address(a)) in _addresses(b)
+    except ValueError:
+        return False
+
+
+def _host_key(host: str | None) -> str:
+    if not host or host.startswith("/"):  # no host, or a socket folder: this machine
+        return "localhost"
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "localhost" if host in _local_names() else host
+    if ip.is_loopback or ip.is_unspecified or _is_own_address(str(ip)):
+        return "localhost"
+    return str(ip)
+
+
+@functools.cache
+def _local_names() -> frozenset[str]:
+    name = socket.gethostname().lower()
+    return frozenset({"localhost", "localhost.localdomain", "ip6-localhost", name})
+
+
+def _is_own_address(ip: str) -> bool:
+    """True for an address of one of this machine's interfaces (only those can be bound)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _addresses(host: str) -> frozenset[str]:
+    """The addresses of the state database's host name (looked up once; an operator's name)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return frozenset()
+    return frozenset(str(ipaddress.ip_address(str(info[4][0]).split("%")[0])) for info in infos)
+
+
+def _check_sqlite_path(path: str, config: Config) -> None:
+    roots = [os.path.realpath(r) for r in config.sqlite_roots]
+    data_dir = os.path.realpath(config.data_dir)
+    own_targets = os.path.join(data_dir, "targets")
+    if config.sqlite_roots:
+        allowed = f"allowed: under {', '.join(config.sqlite_roots)}"
+    else:
+        allowed = "no folder is allowed"
+    how = (
+        f"({allowed}; an operator adds a folder to RETORT_SQLITE_ROOTS, "
+        f"separated by {os.pathsep!r})"
+    )
+    details = {"field": "url", "sqlite_roots": list(config.sqlite_roots)}
+    if not os.path.isabs(path):
+        raise InvalidError(
+            f"a SQLite target needs an absolute path (sqlite:////abs/path.db) {how}",
+            details,
+            code="sqlite_path_not_allowed",
+        )
+    real = os.path.realpath(path)
+    state = make_url(config.database_url)
+    if state.get_backend_name() == "sqlite" and state.database:
+        state_file = os.path.realpath(state.database)
+        # Its -wal, -shm and -journal files as well.
+        if real == state_file or real.startswith(state_file + "-") or _same_file(real, state_file):
+            raise InvalidError(
+                "this path is Retort's own state database: a target must be another database",
+                {"field": "url"},
+                code="target_is_retort",
+            )
+    if (real == data_dir or _inside(real, data_dir)) and not _inside(real, own_targets):
+        raise InvalidError(
+            f"this path is in Retort's data directory, which holds its secrets and state; "
+            f"only its targets/ folder may hold targets {how}",
+            details,
+            code="target_is_retort",
+        )
+    if not any(_inside(real, root) for root in roots):
+        raise InvalidError(
+            f"this SQLite path is outside the folders SQLite targets may use {how}",
+            details,
+            code="sqlite_path_not_allowed",
+        )
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` lies strictly below `folder` (both real paths)."""
+    return path.startswith(folder.rstrip(os.sep) + os.sep) and path != folder
+
+
+def _same_file(a: str, b: str) -> bool:
+    """A hard link to the state file is that file (False when either does not exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def dialect_of(url: URL) -> str:

@@ -111,11 +111,23 @@ def new_db(backends, tmp_path):
     return lambda dialect: backends.new(dialect, tmp_path)
 
 
+# Where tests may register SQLite targets: pytest's base temporary folder, so
+# every tmp_path qualifies (set before any other session fixture runs).
+SQLITE_ROOTS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sqlite_roots(tmp_path_factory):
+    SQLITE_ROOTS[:] = [str(tmp_path_factory.getbasetemp())]
+
+
 def _base_env(data_dir: Path) -> dict[str, str]:
+    assert SQLITE_ROOTS, "the _sqlite_roots fixture has not run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RETORT_")}
     env.update(
         {
             "RETORT_DATA_DIR": str(data_dir),
+            "RETORT_SQLITE_ROOTS": os.pathsep.join(SQLITE_ROOTS),
             "RETORT_ADMIN_TOKEN": "test-admin-" + RUN_ID,
             "RETORT_CONNECT_ATTEMPTS": "2",
             "RETORT_CONNECT_BACKOFF_S": "0.1",

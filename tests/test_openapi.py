@@ -65,7 +65,8 @@ def fuzz_target(backends, tmp_path_factory):
         server.wait_ready()
         c = server.client
         project, _ = setup_project(c, chain_bundle(2), name="fuzz")
-        db = register_db(c, project, backends.new("sqlite", data_dir), name="fuzzdb")
+        targets = tmp_path_factory.mktemp("fuzz-targets")  # never in the data directory
+        db = register_db(c, project, backends.new("sqlite", targets), name="fuzzdb")
         run_job(c, db)
         c.post(
             f"/v1/projects/{project}/webhooks",

@@ -8,6 +8,7 @@ from cryptography.fernet import Fernet
 
 
 def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
+    from service.config import Config
     from service.crypto import SecretBox
     from service.databases.models import Database
     from service.databases.ops import create_database
@@ -28,7 +29,8 @@ def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
     with transaction(sessions) as s:
         project = create_project(s, ProjectCreate(name="p"), "admin")
         body = DatabaseCreate(name="d", project="p", url=secret_url)
-        create_database(s, body, SecretBox((old,)), "admin")
+        config = Config(state, "redis://x", tmp_path, "x", (old,))
+        create_database(s, body, SecretBox((old,)), "admin", None, config)
         hook = WebhookCreate(url="https://example.com/h", events=["job.failed"], secret="s" * 20)
         create_webhook(s, project, hook, SecretBox((old,)), "admin")
 

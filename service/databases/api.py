@@ -31,7 +31,9 @@ def post_database():
     require("admin")
     body = parse_json(DatabaseCreate)
     with transaction(services().sessions) as s:
-        db, project = create_database(s, body, services().box, actor(), principal())
+        db, project = create_database(
+            s, body, services().box, actor(), principal(), services().config
+        )
         return serialize_database(s, db, project, box=None), 201
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from service import targets
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
+from service.config import Config
 from service.crypto import SecretBox
 from service.databases.models import Database
 from service.databases.schemas import DatabaseCreate
@@ -24,12 +25,19 @@ from service.projects.ops import get_project
 
 
 def create_database(
-    session: Session, body: DatabaseCreate, box: SecretBox, actor: str, who: Principal | None = None
+    session: Session,
+    body: DatabaseCreate,
+    box: SecretBox,
+    actor: str,
+    who: Principal | None,
+    config: Config,
 ) -> tuple[Database, Project]:
+    """Register a target; 422 if it is Retort's own state or a host path (see check_target)."""
     project = get_project(session, body.project, who)
     url = targets.normalize_url(body.url)
     if session.scalar(select(Database.id).where(Database.name == body.name)) is not None:
         raise ConflictError(f"database {body.name!r} already exists", {"name": body.name})
+    targets.check_target(url, config)
     db = Database(
         name=body.name,
         project_id=project.id,
