@@ -265,24 +265,63 @@ def scrub(text: str, url: URL | None) -> str:
     return out.replace(quoted, mask_url(url))
 
 
+# A migration's statement may run for hours (an index on a big table): without
+# a project statement_timeout_ms, a MySQL read waits this long for an answer.
+MIGRATION_READ_TIMEOUT_S = 6 * 3600.0
+
+
+def migration_read_timeout_s(settings: dict[str, Any], connect_timeout: int) -> float:
+    """How long a migration's MySQL read may wait: the project's statement timeout and a margin."""
+    stmt_ms = settings.get("statement_timeout_ms")
+    if stmt_ms is None:
+        return MIGRATION_READ_TIMEOUT_S
+    return stmt_ms / 1000 + max(60.0, 2.0 * connect_timeout)
+
+
 def make_target_engine(
-    url: URL, connect_timeout: int, job_id: int | None = None, pooled: bool = False
+    url: URL,
+    connect_timeout: int,
+    job_id: int | None = None,
+    pooled: bool = False,
+    *,
+    read_timeout_s: float | None = None,
 ) -> Engine:
-    """Create a target engine with a connect timeout, SQLite made transactional.
+    """Create a target engine whose every wait on the server is bounded; SQLite made transactional.
 
     Not `pooled`: for one job, its connection closed with it. `pooled`: kept
     by a worker process for the database's next jobs; a connection that sat
     in the pool is pinged before use (the server may have restarted).
+
+    Connecting (and, for MySQL, the server's greeting and the login) takes at
+    most `connect_timeout` seconds. A server that stops answering TCP is
+    dropped by keepalives after about six times that (see _keepalive).
+    `read_timeout_s` bounds a statement's answer: None (a migration) gives
+    MySQL reads MIGRATION_READ_TIMEOUT_S and leaves PostgreSQL to the
+    project's statement_timeout; a number (a short read, such as the API's
+    look at the heads) is MySQL's read timeout and PostgreSQL's statement_timeout.
     """
     dialect = dialect_of(url)
+    idle, interval, count = _keepalive(connect_timeout)
     connect_args: dict[str, Any] = {}
     if dialect == "postgresql":
         connect_args = {
             "connect_timeout": connect_timeout,
             "application_name": f"retort job {job_id}" if job_id else "retort",
+            "keepalives": 1,
+            "keepalives_idle": idle,
+            "keepalives_interval": interval,
+            "keepalives_count": count,
+            # Sent data left unacknowledged this long ends the connection.
+            "tcp_user_timeout": (idle + interval * count) * 1000,
         }
     elif dialect == "mysql":
-        connect_args = {"connect_timeout": connect_timeout}
+        # PyMySQL waits for ever by default; the greeting and login are reads
+        # too, so connect with connect_timeout and lengthen it once logged in.
+        connect_args = {
+            "connect_timeout": connect_timeout,
+            "read_timeout": connect_timeout,
+            "write_timeout": idle + interval * count,  # a peer that stopped reading
+        }
     elif dialect == "sqlite":
         connect_args = {"timeout": connect_timeout}
     if pooled:
@@ -300,6 +339,27 @@ def make_target_engine(
         )
     else:
         engine = sa.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    if dialect == "postgresql" and read_timeout_s is not None:
+        statement_ms = max(1, int(read_timeout_s * 1000))
+
+        @sa.event.listens_for(engine, "connect")
+        def _pg_connect(dbapi_conn, _record):
+            # A SET, not a startup `options` parameter, which PgBouncer refuses.
+            dbapi_conn.autocommit = True
+            dbapi_conn.execute(f"SET statement_timeout = {statement_ms}")
+            dbapi_conn.autocommit = False
+
+    if dialect == "mysql":
+        read_timeout = MIGRATION_READ_TIMEOUT_S if read_timeout_s is None else read_timeout_s
+
+        @sa.event.listens_for(engine, "connect")
+        def _mysql_connect(dbapi_conn, _record):
+            # Runs after SQLAlchemy's first queries on the connection (still
+            # under connect_timeout). PyMySQL re-reads _read_timeout before
+            # every read and sets SO_KEEPALIVE itself; a contract test pins both.
+            dbapi_conn._read_timeout = read_timeout
+            _set_keepalive(dbapi_conn._sock, idle, interval, count)
+
     if dialect == "sqlite":
         # SQLAlchemy's "pysqlite transactional" recipe: without it pysqlite
         # commits DDL on its own and a failed revision leaves a half-built table.
@@ -312,6 +372,28 @@ def make_target_engine(
             conn.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _keepalive(connect_timeout: int) -> tuple[int, int, int]:
+    """TCP keepalive (idle s, interval s, probes): a silent peer is gone after ~6 x connect_timeout.
+
+    A live server acknowledges the probes however long its statement runs, so
+    only a dead host or network path ends the connection this way.
+    """
+    interval = max(1, int(connect_timeout))
+    return 2 * interval, interval, 4
+
+
+def _set_keepalive(sock: socket.socket, idle: int, interval: int, count: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", count),
+        ("TCP_USER_TIMEOUT", (idle + interval * count) * 1000),
+    ):
+        if hasattr(socket, name) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def read_heads(conn: Connection, settings: dict[str, Any]) -> list[str]:
@@ -433,7 +515,7 @@ def interrupt(conn: Connection, url: URL) -> None:
         dbapi_conn.cancel()
     else:
         # MySQL cancels a statement only from another session.
-        killer = sa.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 5})
+        killer = make_target_engine(url, 5, read_timeout_s=10)
         try:
             with killer.connect() as other:
                 other.exec_driver_sql(f"KILL QUERY {int(dbapi_conn.thread_id())}")

@@ -3,10 +3,11 @@ from flask import Blueprint
 from service.app import actor, parse_json, parse_query, principal, require, services
 from service.databases.ops import (
     create_database,
-    get_database,
     list_databases,
     serialize_database,
+    show_live,
     unlock_database,
+    view_database,
 )
 from service.databases.schemas import (
     DatabaseCreate,
@@ -18,7 +19,6 @@ from service.databases.schemas import (
 )
 from service.db import transaction
 from service.openapi import operation
-from service.projects.models import Project
 
 bp = Blueprint("databases", __name__)
 
@@ -34,7 +34,7 @@ def post_database():
         db, project = create_database(
             s, body, services().box, actor(), principal(), services().config
         )
-        return serialize_database(s, db, project, box=None), 201
+        return serialize_database(db, project), 201
 
 
 @bp.get("/databases")
@@ -43,7 +43,7 @@ def index_databases():
     params = parse_query(DatabaseList)
     with transaction(services().sessions) as s:
         rows = list_databases(s, params.project, params.tag, principal())
-        return {"databases": [serialize_database(s, d, p, box=None) for d, p in rows]}
+        return {"databases": [serialize_database(d, p) for d, p in rows]}
 
 
 @bp.get("/databases/<name>")
@@ -56,9 +56,13 @@ def show_database(name: str):
     """Show a database; `?live=false` skips reading its current heads from the target."""
     live = parse_query(DatabaseShow).live
     with transaction(services().sessions) as s:
-        db = get_database(s, name, principal())
-        project = s.get(Project, db.project_id)
-        return serialize_database(s, db, project, box=services().box if live else None)
+        view = view_database(s, name, principal())
+    if not live:
+        return view.stored
+    # The state transaction is over before the target is asked: a target that
+    # never answers holds this request only (for at most connect_timeout_s per
+    # wait), never a state connection or SQLite's write lock.
+    return show_live(view, services().box, services().config.connect_timeout_s)
 
 
 @bp.post("/databases/<name>/unlock")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -96,16 +97,20 @@ def latest_bundle(session: Session, project: Project) -> Bundle | None:
 
 
 def read_live_heads(
-    db: Database, project: Project, box: SecretBox, timeout: int = 5
+    url_encrypted: str, settings: dict[str, Any], box: SecretBox, timeout_s: int
 ) -> tuple[list[str] | None, str | None]:
-    """Read the target's current heads; return (heads, None) or (None, why not)."""
-    url = targets.normalize_url(box.decrypt(db.url_encrypted))
+    """Read the target's current heads; return (heads, None) or (None, why not).
+
+    Every wait is bounded by `timeout_s` (connecting, then the read). Call it
+    with no state transaction open: a silent target must hold up nobody else.
+    """
+    url = targets.normalize_url(box.decrypt(url_encrypted))
     if url.get_backend_name() == "sqlite" and not os.path.exists(url.database):
         return [], None  # not created yet: at base (and a read must not create it)
-    engine = targets.make_target_engine(url, timeout)
+    engine = targets.make_target_engine(url, timeout_s, read_timeout_s=timeout_s)
     try:
         with engine.connect() as conn:
-            return targets.read_heads(conn, project.settings), None
+            return targets.read_heads(conn, settings), None
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         return None, targets.scrub(reason, url)
@@ -113,10 +118,12 @@ def read_live_heads(
         engine.dispose()
 
 
-def pending_revisions(bundle: Bundle, current: list[str]) -> tuple[list[str], list[str]]:
-    """Return (revisions of the bundle not yet applied, current heads the bundle lacks)."""
-    by_id = {r["id"]: r for r in bundle.revisions}
-    labels = {label: r["id"] for r in bundle.revisions for label in r["branch_labels"]}
+def pending_revisions(
+    revisions: list[dict[str, Any]], current: list[str]
+) -> tuple[list[str], list[str]]:
+    """Return (revisions of a bundle not yet applied, current heads the bundle lacks)."""
+    by_id = {r["id"]: r for r in revisions}
+    labels = {label: r["id"] for r in revisions for label in r["branch_labels"]}
     applied: set[str] = set()
     stack = [c for c in current if c in by_id]
     while stack:
@@ -128,14 +135,13 @@ def pending_revisions(bundle: Bundle, current: list[str]) -> tuple[list[str], li
         stack.extend(r["down_revisions"])
         stack.extend(labels.get(d, d) for d in r["depends_on"])
     unknown = [c for c in current if c not in by_id]
-    pending = [r["id"] for r in bundle.revisions if r["id"] not in applied]
+    pending = [r["id"] for r in revisions if r["id"] not in applied]
     return pending, unknown
 
 
-def serialize_database(
-    session: Session, db: Database, project: Project, box: SecretBox | None
-) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def serialize_database(db: Database, project: Project) -> dict[str, Any]:
+    """The stored fields of a database (no live state)."""
+    return {
         "name": db.name,
         "project": project.name,
         "dialect": db.dialect,
@@ -143,24 +149,53 @@ def serialize_database(
         "tags": db.tags,
         "created_at": iso(db.created_at),
     }
-    if box is None:
-        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseView:
+    """What showing a database live needs from the state database, read in one transaction."""
+
+    stored: dict[str, Any]
+    url_encrypted: str
+    settings: dict[str, Any]
+    head: list[str]
+    bundle: str | None
+    revisions: list[dict[str, Any]] | None
+    lock: dict[str, Any]
+
+
+def view_database(session: Session, name: str, who: Principal | None) -> DatabaseView:
+    """Read a database, its project's latest bundle and its lease (state only, no target)."""
+    db = get_database(session, name, who)
+    project = session.get_one(Project, db.project_id)
     bundle = latest_bundle(session, project)
-    current, error = read_live_heads(db, project, box)
-    out["current"] = current
-    out["current_error"] = error
-    out["head"] = bundle.heads if bundle else []
-    out["bundle"] = bundle.digest if bundle else None
-    if bundle is not None and current is not None:
-        out["pending"], out["unknown_current"] = pending_revisions(bundle, current)
+    lease = session.get(Lease, db.id)
+    return DatabaseView(
+        stored=serialize_database(db, project),
+        url_encrypted=db.url_encrypted,
+        settings=dict(project.settings),
+        head=list(bundle.heads) if bundle else [],
+        bundle=bundle.digest if bundle else None,
+        revisions=list(bundle.revisions) if bundle else None,
+        lock={
+            "fencing_token": lease.token if lease else 0,
+            "held_by_job": lease.holder_job_id if lease else None,
+        },
+    )
+
+
+def show_live(view: DatabaseView, box: SecretBox, timeout_s: int) -> dict[str, Any]:
+    """Add the target's current heads and what is pending to a view read earlier."""
+    current, error = read_live_heads(view.url_encrypted, view.settings, box, timeout_s)
+    out = {**view.stored, "current": current, "current_error": error}
+    out["head"] = view.head
+    out["bundle"] = view.bundle
+    if view.revisions is not None and current is not None:
+        out["pending"], out["unknown_current"] = pending_revisions(view.revisions, current)
     else:
         out["pending"] = None
         out["unknown_current"] = []
-    lease = session.get(Lease, db.id)
-    out["lock"] = {
-        "fencing_token": lease.token if lease else 0,
-        "held_by_job": lease.holder_job_id if lease else None,
-    }
+    out["lock"] = view.lock
     return out
 
 

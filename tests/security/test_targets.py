@@ -1,17 +1,21 @@
-"""A target is never Retort itself or the host.
+"""A target is never Retort itself or the host, and no target can hang Retort.
 
 Registrations of Retort's own state database, of its data directory and of
 host paths outside the SQLite roots are refused with a 422 that tells nothing
-about the host's files.
+about the host's files; a target that accepts connections and never answers
+costs a bounded wait to the one request that asked, while others are served.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cryptography.fernet import Fernet
 from sqlalchemy.engine import make_url
 
@@ -19,6 +23,43 @@ from service import targets
 from service.config import Config
 from service.errors import InvalidError
 from tests.helpers import chain_bundle, register_db, setup_project, unique
+
+# A silent target may cost a request this long (the tests' connect timeout is 2 s);
+# other requests meanwhile answer within PROMPT_S, well below that 2 s wait.
+BOUND_S = 15
+PROMPT_S = 1.0
+
+
+class SilentServer:
+    """A TCP port that accepts connections and never sends a byte: a hung server."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def silent():
+    server = SilentServer()
+    yield server
+    server.close()
 
 
 def refused(r, code: str) -> dict:
@@ -114,6 +155,102 @@ def test_a_sqlite_path_under_the_roots_is_a_target(retort, tmp_path):
     assert not (tmp_path / "new.db").exists()  # a look does not create it
     (tmp_path / "inside").symlink_to(tmp_path / "real")
     register_db(c, project, f"sqlite:///{tmp_path / 'inside' / 'x.db'}")  # a link within a root
+
+
+# ---------------------------------------------------------------- a target that never answers
+
+
+@pytest.mark.parametrize("dialect", ["mysql", "postgresql"])
+def test_a_silent_target_costs_one_bounded_request_and_holds_up_nobody(
+    retort, silent, dialect, new_db
+):
+    c = retort.client
+    project, _ = setup_project(c, chain_bundle(1))
+    scheme = "mysql" if dialect == "mysql" else "postgresql"
+    hung = register_db(c, project, f"{scheme}://root:pw@127.0.0.1:{silent.port}/app")
+    healthy = register_db(c, project, new_db("sqlite"))
+    answer: dict = {}
+
+    def show() -> None:
+        started = time.monotonic()
+        answer["r"] = c.get(f"/v1/databases/{hung}")
+        answer["s"] = time.monotonic() - started
+
+    getter = threading.Thread(target=show)
+    getter.start()
+    assert silent.accepted.wait(BOUND_S), "the API never connected to the target"
+    # While that request waits on the target, a write and another live read are served.
+    started = time.monotonic()
+    assert c.post("/v1/projects", {"name": unique("p"), "settings": {}}).status == 201
+    assert c.get(f"/v1/databases/{healthy}").body["current"] == []
+    prompt = time.monotonic() - started
+    still_waiting = getter.is_alive()
+    getter.join(BOUND_S + 5)
+    assert not getter.is_alive(), f"GET /v1/databases/{hung} did not answer in {BOUND_S + 5} s"
+    assert prompt < PROMPT_S, f"other requests took {prompt:.1f} s while a target was silent"
+    assert still_waiting, "the silent target was not being waited on during the other requests"
+    r = answer["r"]
+    assert r.status == 200 and answer["s"] < BOUND_S, (answer["s"], r)
+    assert r.body["current"] is None and r.body["current_error"], r
+    assert r.body["pending"] is None and "pw" not in str(r.body)
+
+
+# ---------------------------------------------------------------- engines: every wait bounded
+
+
+def test_a_mysql_migration_engine_connects_to_a_silent_port_within_connect_timeout(silent):
+    engine = targets.make_target_engine(make_url(f"mysql+pymysql://u@127.0.0.1:{silent.port}/x"), 1)
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        engine.connect()
+    assert time.monotonic() - started < 5
+    engine.dispose()
+
+
+def test_mysql_reads_and_writes_are_bounded(new_db):
+    """Also the contract with PyMySQL's private attributes the engine relies on."""
+    url = make_url(new_db("mysql"))
+    short = targets.make_target_engine(url, 2, read_timeout_s=1)
+    with short.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert (raw._read_timeout, raw._write_timeout) == (1, 12)
+        sock = raw._sock
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 4
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12000
+        started = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError):
+            conn.exec_driver_sql("SELECT SLEEP(5)")
+        assert time.monotonic() - started < 3
+    short.dispose()
+    migration = targets.make_target_engine(url, 2, pooled=True)
+    with migration.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert raw._read_timeout == targets.MIGRATION_READ_TIMEOUT_S
+        assert conn.exec_driver_sql("SELECT SLEEP(1.5)").scalar() == 0  # past connect_timeout
+    migration.dispose()
+
+
+def test_postgresql_connections_have_keepalives_and_short_reads_a_statement_timeout(new_db):
+    url = make_url(new_db("postgresql"))
+    short = targets.make_target_engine(url, 2, read_timeout_s=1)
+    with short.connect() as conn:
+        params = conn.connection.dbapi_connection.info.get_parameters()
+        assert params["keepalives"] == "1" and params["keepalives_idle"] == "4"
+        assert params["tcp_user_timeout"] == "12000"
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "1s"
+        with pytest.raises(sa.exc.OperationalError):
+            conn.exec_driver_sql("SELECT pg_sleep(5)")
+    short.dispose()
+    migration = targets.make_target_engine(url, 2, job_id=7)
+    with migration.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "0"  # the project's
+    migration.dispose()
+
+
+def test_migration_read_timeout_follows_the_statement_timeout():
+    assert targets.migration_read_timeout_s({}, 5) == targets.MIGRATION_READ_TIMEOUT_S
+    assert targets.migration_read_timeout_s({"statement_timeout_ms": 600000}, 5) == 660.0
 
 
 # ---------------------------------------------------------------- the rules, without servers
