@@ -36,6 +36,7 @@ from service.errors import (
 from service.idempotency import ops as idempotency
 from service.idempotency.ops import check_key
 from service.jobs.cache import FinishedJobs
+from service.jobs.run.sandbox import probe
 from service.jobs.watch import JobWatcher
 from service.openapi import DOCS_PAGE, build_spec
 from service.principal import ADMIN, Principal
@@ -155,7 +156,13 @@ def create_app(config: Config | None = None) -> Flask:
         except Exception as exc:  # noqa: BLE001
             checks["broker"] = f"error: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
-        return {"ok": ok, "checks": checks}, 200 if ok else 503
+        found = probe(config.sandbox, config.bwrap_path)
+        sandbox = {"mode": found.mode, "required": config.sandbox, "reason": found.reason}
+        if config.sandbox == "bwrap" and found.mode != "bwrap":
+            checks["sandbox"] = f"error: bwrap required and unavailable: {found.reason}"
+            ok = False
+        # What this host gives runners; each job says which sandbox actually ran it.
+        return {"ok": ok, "checks": checks, "sandbox": sandbox}, 200 if ok else 503
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):

@@ -85,11 +85,22 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
             f"  state:  {_safe(config.database_url)}\n"
             f"  broker: {_safe(config.broker_url)}\n"
             f"  admin token: {token_where}\n"
+            f"  {_sandbox_line(config)}\n"
             "Press Ctrl-C to stop."
         )
         _wait(procs)
     finally:
         _stop(procs)
+
+
+def _sandbox_line(config: Config) -> str:
+    """Where tenant revision code will run, said plainly (docs/security.md)."""
+    from service.jobs.run.sandbox import probe
+
+    found = probe(config.sandbox, config.bwrap_path)
+    if config.sandbox == "bwrap" and found.mode != "bwrap":
+        return f"sandbox: REQUIRED bwrap is unavailable, every job will be refused: {found.reason}"
+    return found.describe()
 
 
 @main.group()

@@ -44,11 +44,27 @@ class Config:
     # On SIGTERM a worker lets its running migration finish for this long, then
     # stops it (the target rolls back), frees the lease and hands the job over.
     shutdown_grace_s: float = 25.0
-    # Where a migration runs. "auto": in the worker's pool process, with its
-    # loaded scripts and target connections kept for the next job, unless the
-    # bundle carries helper modules (Python files that are not revisions),
-    # which get a process forked for the job alone. "fork": always fork.
-    isolation: str = "auto"
+    # Where revision code runs (docs/security.md): "auto" picks bubblewrap when
+    # it runs on this machine, else a plain exec'd process (and says so);
+    # "bwrap" requires the full sandbox and refuses jobs without it;
+    # "process" never uses bwrap. RETORT_BWRAP_PATH: a bwrap binary to use.
+    sandbox: str = "auto"
+    bwrap_path: str = ""
+    # Limits of each runner process (0: none): address space, CPU seconds over
+    # its life, largest file it may write, processes beyond what its user runs.
+    runner_memory_mb: int = 2048
+    runner_cpu_s: int = 3600
+    runner_file_mb: int = 4096
+    runner_processes: int = 64
+    # Warm runners one worker process keeps (one project each), how long an
+    # idle one is kept, and the memory past which one is retired after a job.
+    runner_max_warm: int = 4
+    runner_idle_s: float = 300.0
+    runner_max_rss_mb: int = 512
+    runner_start_timeout_s: float = 30.0
+    # A job's wall-clock limit unless its project sets max_duration_s: past
+    # it the job fails with `timeout`, its step rolled back, the lease freed.
+    job_max_duration_s: float = 3600.0
     max_bundle_bytes: int = 16 * 1024 * 1024
     max_bundle_expanded_bytes: int = 64 * 1024 * 1024
     max_bundle_files: int = 2000

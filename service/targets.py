@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import ipaddress
@@ -419,7 +418,11 @@ def lock_key(url: URL, settings: dict[str, Any]) -> tuple[int, str]:
 
 
 def try_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> bool:
-    """Try once to take the session lock on the connection Alembic will use."""
+    """Try once to take the session lock on the connection Alembic will use.
+
+    SQLite has no session lock: the worker holds an flock in Retort's data
+    directory for the job instead (service/jobs/run/target_files.py).
+    """
     dialect = dialect_of(url)
     key, name = lock_key(url, settings)
     if dialect == "postgresql":
@@ -427,25 +430,9 @@ def try_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> bo
     elif dialect == "mysql":
         got = conn.execute(sa.text("SELECT GET_LOCK(:n, 0)"), {"n": name}).scalar() == 1
     else:
-        got = _try_file_lock(conn, url)
+        raise ValueError("SQLite targets are locked by the worker (SqliteLock), not a session")
     conn.commit()  # never leave a transaction open before Alembic starts (autobegin trap)
     return bool(got)
-
-
-def _try_file_lock(conn: Connection, url: URL) -> bool:
-    """SQLite has no session lock: flock a file beside the database instead.
-
-    Like a session lock it dies with the process, so a killed job frees it.
-    """
-    fd = conn.info.get("retort_lock_fd")
-    if fd is None:
-        fd = os.open(f"{url.database}.retort-lock", os.O_RDWR | os.O_CREAT, 0o600)
-        conn.info["retort_lock_fd"] = fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def release_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> None:
@@ -455,10 +442,6 @@ def release_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     elif dialect == "mysql":
         conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
-    else:
-        fd = conn.info.pop("retort_lock_fd", None)
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
     conn.commit()
 
 

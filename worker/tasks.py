@@ -14,7 +14,10 @@ from celery import signals
 from service.crypto import SecretBox
 from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction, utcnow
 from service.idempotency.ops import purge_expired
-from service.jobs import runner, sweeper
+from service.jobs import sweeper
+from service.jobs.run.claim import run_job
+from service.jobs.run.context import WorkerProcess
+from service.jobs.run.sandbox import probe
 from service.queue import DELIVER, RUN_JOB, SWEEP
 from service.webhooks import outbox
 from service.webhooks.delivery import attempt_delivery, deliveries_to_resend
@@ -41,13 +44,19 @@ def _sessions():
 
 
 @cache
+def _process() -> WorkerProcess:
+    """This pool process's state for its jobs: sessions, warm runners, caches."""
+    return WorkerProcess(config, _sessions())
+
+
+@cache
 def _box() -> SecretBox:
     return SecretBox(config.secret_keys)
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run(job_id: int) -> str:
-    return runner.run_job(config, _sessions(), job_id)
+    return run_job(_process(), job_id)
 
 
 @app.task(name=DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -101,7 +110,7 @@ def sweep() -> dict:
 # SIGTERM starts Celery's warm shutdown, which waits for running tasks without
 # a bound. Retort bounds it: the main process tells each pool process, which
 # lets its migration run for `shutdown_grace_s`, then stops it and hands the
-# job over (runner.request_shutdown).
+# job over (WorkerProcess.request_shutdown).
 
 _controller = None
 
@@ -110,6 +119,17 @@ _controller = None
 def _remember_controller(sender, **_):
     global _controller
     _controller = sender
+    # Say plainly, once, where tenant code will run (docs/security.md).
+    found = probe(config.sandbox, config.bwrap_path)
+    if config.sandbox == "bwrap" and found.mode != "bwrap":
+        log.error(
+            "RETORT_SANDBOX=bwrap and bwrap cannot run here; every job will be refused: %s",
+            found.reason,
+        )
+    elif found.mode == "bwrap":
+        log.warning("retort worker: %s", found.describe())
+    else:
+        log.warning("retort worker: %s", found.describe())
 
 
 # What a job imports on first use, loaded before the heap is frozen (see _settle_heap).
@@ -145,7 +165,7 @@ def _settle_heap() -> None:
 
 @signals.worker_process_init.connect
 def _on_pool_process_start(**_):
-    signal.signal(signal.SIGUSR2, lambda *_: runner.request_shutdown(config.shutdown_grace_s))
+    signal.signal(signal.SIGUSR2, lambda *_: _process().request_shutdown(config.shutdown_grace_s))
     _settle_heap()
 
 

@@ -45,6 +45,8 @@ class Job(Base):
     # When the message was last handed to the broker (None: it never was).
     dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    # Which sandbox ran the job's revision code: "bwrap" or "process" (docs/security.md).
+    sandbox: Mapped[str | None] = mapped_column(String(16), default=None)
     requested_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -90,6 +90,9 @@ class JobOut(Out):
     requested_by: str
     # host:pid of the worker process that claimed the job (its latest attempt).
     worker: str | None
+    # Which sandbox ran the revision code: "bwrap" (namespaces) or "process"
+    # (a clean exec'd process, not isolated from the worker's machine).
+    sandbox: str | None = None
     created_at: str
     started_at: str | None
     finished_at: str | None

@@ -18,6 +18,9 @@ class ProjectSettings(BaseModel):
     version_table_schema: SqlIdentifier | None = None
     lock_timeout_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
     statement_timeout_ms: int | None = Field(default=None, ge=0, le=7 * 24 * 3600 * 1000)
+    # A job's wall-clock limit (default RETORT_JOB_MAX_DURATION_S): past it the
+    # job fails with `timeout`, its running step rolled back, the lease freed.
+    max_duration_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
 
 class ProjectCreate(BaseModel):

@@ -12,9 +12,11 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,39 +256,88 @@ def stack(backends, tmp_path):
 # ------------------------------------------------------------------ revisions
 
 
-@dataclass
-class Hold:
-    """A revision that waits inside its transaction while a file exists.
+_HOLDS: list[Hold] = []
 
-    `entered` gets a line each time the revision starts, so a test knows when the
-    migration is mid-step and how many times the step ran.
+
+@pytest.fixture(autouse=True)
+def _shut_holds():
+    yield
+    while _HOLDS:
+        _HOLDS.pop().shut()
+
+
+class Hold:
+    """A gate a revision waits at inside its transaction, while the test keeps it closed.
+
+    A TCP listener on 127.0.0.1 (the runner shares the machine's network but,
+    sandboxed, none of its files): the revision connects and waits for a byte.
+    Each connection counts as one entry, so a test knows when the migration is
+    mid-step and how many times the step ran.
     """
 
-    dir: Path
+    def __init__(self, _dir: Path | None = None) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._waiting: list[socket.socket] = []
+        self._closed = False
+        self._entered = 0
+        _HOLDS.append(self)
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def __post_init__(self) -> None:
-        self.hold = self.dir / "hold"
-        self.entered = self.dir / "entered"
+    def shut(self) -> None:
+        """Let every waiting revision go and stop listening (at the test's end)."""
+        self.open()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._entered += 1
+                if self._closed:
+                    self._waiting.append(conn)
+                    continue
+            _release(conn)
 
     def close(self) -> None:
-        self.hold.touch()
+        with self._lock:
+            self._closed = True
 
     def open(self) -> None:
-        self.hold.unlink(missing_ok=True)
+        with self._lock:
+            self._closed = False
+            waiting, self._waiting = self._waiting, []
+        for conn in waiting:
+            _release(conn)
 
     def times_entered(self) -> int:
-        return len(self.entered.read_text().splitlines()) if self.entered.exists() else 0
+        with self._lock:
+            return self._entered
 
     def wait_entered(self, times: int = 1, timeout: float = 60) -> None:
         _wait(lambda: self.times_entered() >= times, timeout, f"revision entered {times} time(s)")
 
 
+def _release(conn: socket.socket) -> None:
+    try:
+        conn.sendall(b"g")
+    except OSError:
+        pass
+    conn.close()
+
+
 def logged_chain(hold: Hold, n: int = 3, hold_at: int = 2) -> dict[str, str]:
-    """r1 creates applied_log; every revision logs itself there; r{hold_at} waits on `hold`."""
+    """r1 creates applied_log; every revision logs itself there; r{hold_at} waits at `hold`."""
     head = (
-        "import os, time\n"
-        f"HOLD = {str(hold.hold)!r}\n"
-        f"ENTERED = {str(hold.entered)!r}\n"
+        "import socket\n"
+        f"HOLD_PORT = {hold.port}\n"
     )  # fmt: skip
     files = {}
     prev = None
@@ -299,11 +350,12 @@ def logged_chain(hold: Hold, n: int = 3, hold_at: int = 2) -> dict[str, str]:
         body.append(f"op.create_table('t{i}', sa.Column('id', sa.Integer, primary_key=True))")
         if i == hold_at:
             body += [
-                "with open(ENTERED, 'a') as f:",
-                "    f.write('in\\n')",
-                "deadline = time.time() + 90",
-                "while os.path.exists(HOLD) and time.time() < deadline:",
-                "    time.sleep(0.05)",
+                "gate = socket.create_connection(('127.0.0.1', HOLD_PORT), timeout=5)",
+                "gate.settimeout(90)",
+                "try:",
+                "    gate.recv(1)",
+                "finally:",
+                "    gate.close()",
             ]
         files[f"versions/{rev}.py"] = revision(rev, prev, "\n".join(body), head=head)
         prev = rev

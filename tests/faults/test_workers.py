@@ -74,15 +74,15 @@ def test_worker_killed_mid_migration_is_recovered(stack, new_db, tmp_path, diale
     assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
 
 
-@pytest.mark.parametrize("isolation", ["fork", "auto"])
-def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path, isolation):
+@pytest.mark.parametrize("sandbox", ["bwrap", "process"])
+def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path, sandbox):
     """A holder frozen past its lease (SIGSTOP, a VM pause) cannot commit once it wakes.
 
-    "fork": the pool process freezes (its heartbeat with it) while its forked
-    migration goes on. "auto": the migration runs in the pool process and
-    freezes with it, holding the target's session lock until it is thawed.
+    The pool process freezes (its heartbeat with it) while its runner goes on
+    to its step's end and waits there, holding the target's session lock, for
+    the worker's word on the fence; the worker, thawed, refuses the step.
     """
-    s = stack(isolation=isolation)
+    s = stack(sandbox=sandbox)
     c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
     old_token = job["lock"]["fencing_token"]
     _, pool_pid = s.worker_of(job)
@@ -97,10 +97,8 @@ def test_a_frozen_holders_late_writes_are_fenced_out(stack, new_db, tmp_path, is
     )
     # ...which the old migration still holds. Let it go on: its step is refused.
     hold.open()
-    if isolation == "auto":
-        s.thaw(pool_pid)
-    done = c.wait_job(job["id"], timeout=90)
     s.thaw(pool_pid)
+    done = c.wait_job(job["id"], timeout=90)
     assert done["state"] == "succeeded", done
     new_token = done["lock"]["fencing_token"]
     assert new_token > old_token
@@ -135,13 +133,12 @@ def test_sigterm_lets_the_running_migration_finish(stack, new_db, tmp_path):
     assert applied_log(url) == ["r1", "r2", "r3"]
 
 
-@pytest.mark.parametrize("isolation", ["fork", "auto"])
+@pytest.mark.parametrize("sandbox", ["bwrap", "process"])
 def test_sigterm_stops_a_migration_past_the_grace_and_hands_it_over(
-    stack, new_db, tmp_path, isolation
+    stack, new_db, tmp_path, sandbox
 ):
-    """ "fork" kills the job's child; "auto" halts the migration in the pool process,
-    which ends itself when the revision's own code (a sleep here) runs on."""
-    s = stack(workers=("w1",), shutdown_grace_s=2, isolation=isolation)
+    """Past the grace the worker kills the job's runner (its revision waits at a gate)."""
+    s = stack(workers=("w1",), shutdown_grace_s=2, sandbox=sandbox)
     c, hold, url, db, job = _start_held_job(s, new_db, tmp_path, "postgresql")
     w1 = s.workers["w1"]
     w1.send_signal(signal.SIGTERM)

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from service import targets
+from service.jobs.run.target_files import SqliteLock
 from tests.helpers import chain_bundle, register_db, setup_project, tables
 
 
@@ -27,8 +28,13 @@ def test_a_job_waits_for_the_targets_session_lock_held_elsewhere(prod, new_db, d
     target = targets.normalize_url(url)
     engine = sa.create_engine(target, poolclass=sa.pool.NullPool)
     holder = engine.connect()
+    # SQLite has no session lock: the lock is the worker's file in the data directory.
+    file_lock = SqliteLock(prod.log_dir, target.database) if dialect == "sqlite" else None
     try:
-        assert targets.try_session_lock(holder, target, {})
+        if file_lock is not None:
+            assert file_lock.try_take()
+        else:
+            assert targets.try_session_lock(holder, target, {})
         r = c.post("/v1/jobs", {"database": db, "action": "upgrade", "target": "head"})
         assert r.status == 202, r
         job_id = r.body["id"]
@@ -40,7 +46,10 @@ def test_a_job_waits_for_the_targets_session_lock_held_elsewhere(prod, new_db, d
         assert c.get(f"/v1/jobs/{job_id}").body["state"] == "waiting_for_lock"
         assert "items" not in tables(url)
         held_for = time.monotonic()
-        targets.release_session_lock(holder, target, {})
+        if file_lock is not None:
+            file_lock.release()
+        else:
+            targets.release_session_lock(holder, target, {})
     finally:
         holder.close()
         engine.dispose()

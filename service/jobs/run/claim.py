@@ -1,0 +1,56 @@
+"""run_job: read a queued job, and run it on this worker (a second delivery does nothing)."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import update
+
+from service.db import autocommit, transaction
+from service.jobs.models import Job
+from service.jobs.run.bundles import bundle_info
+from service.jobs.run.context import JobContext, WorkerProcess
+from service.jobs.run.supervise import JobRun, Plan
+from service.jobs.run.transitions import QUEUED_JOB
+
+log = logging.getLogger("retort.worker")
+
+
+def run_job(process: WorkerProcess, job_id: int) -> str:
+    """Run a job to its end; return what became of it ("done", "not_claimed", "not_started")."""
+    if process.shutdown_deadline is not None:
+        # Shutting down: leave the job queued, marked unsent, so the sweeper
+        # hands it to another worker at its next round.
+        with transaction(process.sessions) as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(dispatched_at=None)
+            )
+        return "not_claimed"
+    with autocommit(process.sessions.kw["bind"]) as conn:  # a read: no BEGIN/COMMIT round trips
+        job = conn.execute(QUEUED_JOB, {"job_id": job_id}).one_or_none()
+        queued = job is not None and job.state == "queued"
+        bundle = bundle_info(process, conn, job.bundle_pk) if queued else None
+    if bundle is None:
+        log.info("job %s not claimed (state %s)", job_id, job.state if job else "missing")
+        return "not_claimed"
+    plan = Plan(
+        action=job.action,
+        target=job.resolved_target or job.target,
+        attempt=job.attempt,
+        previously_started=job.started_at is not None,
+        from_heads=job.from_heads,
+        bundle=bundle,
+        url_encrypted=job.url_encrypted,
+    )
+    ctx = JobContext(
+        job_id=job_id,
+        database_id=job.database_id,
+        database=job.database,
+        project=job.project,
+        project_id=job.project_id,
+        settings=job.settings,
+        process=process,
+    )
+    return JobRun(ctx, plan).run()

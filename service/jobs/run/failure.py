@@ -1,0 +1,83 @@
+"""Pure: what a failed job says (code, message, and where in the tenant's code it failed).
+
+Used by the runner (to describe an error it caught) and the worker (to describe
+a runner that died); no Retort state imports, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from pathlib import Path
+from typing import Any
+
+_DDL = re.compile(r"^\s*(CREATE|ALTER|DROP|RENAME|TRUNCATE)\b", re.IGNORECASE)
+
+
+class JobFailure(Exception):
+    """A job ends as failed with this error document."""
+
+    def __init__(self, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.error: dict[str, Any] = {
+            "code": code,
+            "message": message,
+            "revision": None,
+            "statement": None,
+        }
+        self.error.update(extra)
+
+
+def db_message(exc: BaseException) -> str:
+    """The database's own words for an error (the DBAPI error under SQLAlchemy's)."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text or type(exc).__name__
+
+
+def locate(exc: BaseException, bundle_dir: Path | str) -> dict[str, Any]:
+    """The bundle file and line where `exc` was raised, as {file, line} (empty if none).
+
+    The innermost frame inside the bundle wins: that is the tenant's line, even
+    when the error itself came from SQLAlchemy or a database driver below it.
+    A SyntaxError names its own file and line.
+    """
+    root = str(Path(bundle_dir)) + "/"
+    if isinstance(exc, SyntaxError) and exc.filename and exc.filename.startswith(root):
+        return {"file": exc.filename[len(root) :], "line": exc.lineno}
+    found: dict[str, Any] = {}
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith(root):
+            found = {"file": frame.filename[len(root) :], "line": frame.lineno}
+    return found
+
+
+def partial_ddl(statements: list[str], version_table: str) -> bool:
+    """Whether a MySQL/MariaDB step ran DDL of its own (DDL commits implicitly there)."""
+    return any(_DDL.match(q) and version_table not in q for q in statements)
+
+
+def exit_description(returncode: int | None) -> str:
+    """How a runner process ended, in words."""
+    if returncode is None:
+        return "it stopped answering"
+    import signal
+
+    # bwrap ends with 128 + N when the runner inside was killed by signal N.
+    number = -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 193 else 0
+    if number:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"it was killed by {name}"
+    return f"it exited with code {returncode}"
+
+
+def killed_by(returncode: int | None) -> int | None:
+    """The signal that ended a runner (directly or inside bwrap), if one did."""
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode
+    return returncode - 128 if 128 < returncode < 193 else None

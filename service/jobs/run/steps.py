@@ -1,0 +1,220 @@
+"""Recording the steps a runner reports: checked, scrubbed, fenced, batched.
+
+A runner's report is data about its own job, never authority: a step may
+only name revisions of the job's own bundle, its SQL is scrubbed of the
+target's password and bounded, and every write is fenced by the job's lease.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+
+from service import targets
+from service.databases.models import AppliedRevision
+from service.db import utcnow
+from service.jobs.models import JobStep
+from service.jobs.run.context import JobContext
+
+# Steps that follow each other faster than this share one state transaction:
+# a 30-revision chain costs one write instead of 30, while a slow migration
+# still shows each step as it lands.
+STEP_FLUSH_S = 0.25
+MAX_STATEMENTS = 10_000
+MAX_STATEMENT_CHARS = 100_000
+_DIRECTIONS = ("up", "down", "stamp")
+
+_applied = AppliedRevision.__table__
+_APPLIED_CHECKSUMS = select(_applied.c.revision, _applied.c.sha256).where(
+    _applied.c.database_id == bindparam("database_id")
+)
+_UNAPPLY = _applied.delete().where(
+    _applied.c.database_id == bindparam("database_id"),
+    _applied.c.revision.in_(bindparam("revisions", expanding=True)),
+)
+_INSERT_APPLIED = insert(_applied)
+_INSERT_STEPS = insert(JobStep.__table__)
+
+
+class BadReport(Exception):
+    """A runner sent a report that is not about its own job (or not well formed)."""
+
+
+def applied_checksums(s: Session, database_id: int) -> dict[str, str]:
+    rows = s.connection().execute(_APPLIED_CHECKSUMS, {"database_id": database_id})
+    return dict(rows.tuples().all())
+
+
+def _when(value: Any) -> dt.datetime:
+    """A runner's timestamp, if it is a plausible one; else now."""
+    now = utcnow()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        at = dt.datetime.fromtimestamp(value, dt.UTC)
+        if abs((at - now).total_seconds()) < 7 * 24 * 3600:
+            return at
+    return now
+
+
+def checked_step(message: dict[str, Any], known: dict[str, str], url: URL | None) -> dict[str, Any]:
+    """The fields of a reported step, checked against the job's bundle and scrubbed."""
+    revisions = message.get("revisions")
+    if not isinstance(revisions, list) or not all(
+        isinstance(r, str) and r in known for r in revisions
+    ):
+        raise BadReport(f"a step names revisions outside the job's bundle: {revisions!r:.200}")
+    direction = message.get("direction", "up")
+    if direction not in _DIRECTIONS:
+        raise BadReport(f"a step with direction {direction!r:.50}")
+    sql = message.get("sql") or []
+    if not isinstance(sql, list):
+        raise BadReport("a step whose sql is not a list")
+    sql = [targets.scrub(str(q)[:MAX_STATEMENT_CHARS], url) for q in sql[:MAX_STATEMENTS]]
+    doc = message.get("message")
+    duration = message.get("duration_ms")
+    if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration < 0:
+        duration = 0.0
+    return {
+        "revisions": revisions,
+        "direction": direction,
+        "upgrade": bool(message.get("upgrade", direction == "up")),
+        "message": targets.scrub(str(doc)[:2000], url) if doc is not None else None,
+        "sql": sql,
+        "started_at": _when(message.get("started_at")),
+        "finished_at": _when(message.get("finished_at")),
+        "duration_ms": float(duration),
+    }
+
+
+@dataclass
+class StepRecorder:
+    """The steps of one job, written as they land (batched within STEP_FLUSH_S)."""
+
+    ctx: JobContext
+    sha_by_revision: dict[str, str]
+    url: URL | None
+    applied: int = 0
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    flushed_at: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_step(self, message: dict[str, Any]) -> None:
+        """A step the runner applied and is about to commit: fence it, keep its record.
+
+        Raises FencedOutError when this job no longer holds the lease: the
+        runner is then told to stop, and the target rolls the step back.
+        """
+        step = checked_step(message, self.sha_by_revision, self.url)
+        revisions = step["revisions"]
+        sha = self.sha_by_revision.get(revisions[0]) if revisions else None
+        record = {
+            "job_id": self.ctx.job_id,
+            "revisions": revisions,
+            "direction": step["direction"],
+            "state": "applied",
+            "message": step["message"],
+            "sql": step["sql"],
+            "sha256": sha,
+            "fencing_token": self.ctx.token,
+            "started_at": step["started_at"],
+            "finished_at": step["finished_at"],
+            "duration_ms": step["duration_ms"],
+            "_upgrade": step["upgrade"],
+            "_event": {
+                "revisions": revisions,
+                "direction": step["direction"],
+                "duration_ms": round(step["duration_ms"], 3),
+                "statements": len(step["sql"]),
+                "sha256": sha,
+            },
+        }
+        if time.monotonic() - self.flushed_at >= STEP_FLUSH_S:
+            # A slow migration: record this step now (fenced), so it shows at once.
+            with self.lock:
+                self.pending.append(record)
+            self.flush()
+        else:
+            # Fast steps: check the fence before this COMMIT, write the records
+            # together a little later (or with the job's end), fenced again then.
+            self.ctx.check_fence("step.applied")
+            with self.lock:
+                self.pending.append(record)
+        self.applied += 1
+
+    def due(self) -> bool:
+        """Whether buffered steps have waited long enough to be written now."""
+        return bool(self.pending) and time.monotonic() - self.flushed_at >= STEP_FLUSH_S
+
+    def write_pending(self, s: Session) -> None:
+        """Write the buffered step records in the caller's (fenced) transaction.
+
+        A few statements whatever the number of steps: the steps in one INSERT,
+        the checksums of what is now applied in one DELETE and one INSERT.
+        """
+        if not self.pending:  # kept until committed: the write may be retried
+            return
+        applied: dict[str, dict[str, Any]] = {}
+        unapplied: set[str] = set()
+        steps = []
+        for record in self.pending:
+            row = {k: v for k, v in record.items() if not k.startswith("_")}
+            steps.append(row)
+            for rev in row["revisions"]:
+                if record["_upgrade"]:
+                    unapplied.discard(rev)
+                    applied[rev] = {
+                        "database_id": self.ctx.database_id,
+                        "revision": rev,
+                        "sha256": self.sha_by_revision.get(rev, ""),
+                        "job_id": self.ctx.job_id,
+                        "applied_at": row["finished_at"],
+                    }
+                else:
+                    applied.pop(rev, None)
+                    unapplied.add(rev)
+            self.ctx.audit(s, "step.applied", record["_event"])
+        conn = s.connection()
+        conn.execute(_INSERT_STEPS, steps)
+        if applied or unapplied:
+            revisions = sorted(unapplied | set(applied))
+            conn.execute(_UNAPPLY, {"database_id": self.ctx.database_id, "revisions": revisions})
+        if applied:
+            conn.execute(_INSERT_APPLIED, list(applied.values()))
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.pending:
+                self.ctx.write(self.write_pending, what="step.applied")
+                self.pending.clear()
+            self.flushed_at = time.monotonic()
+
+    def failed_step(self, s: Session, message: dict[str, Any] | None, error: str) -> None:
+        """Record the step that failed (its SQL up to the failure), in the caller's transaction."""
+        if not isinstance(message, dict):
+            return
+        try:
+            step = checked_step(message, self.sha_by_revision, self.url)
+        except BadReport:
+            return
+        revisions = step["revisions"]
+        s.add(
+            JobStep(
+                job_id=self.ctx.job_id,
+                revisions=revisions,
+                direction=step["direction"],
+                state="failed",
+                message=step["message"],
+                sql=step["sql"],
+                sha256=self.sha_by_revision.get(revisions[0]) if revisions else None,
+                fencing_token=self.ctx.token,
+                started_at=step["started_at"],
+                finished_at=step["finished_at"],
+                duration_ms=step["duration_ms"],
+            )
+        )

@@ -1,0 +1,795 @@
+"""Drive one job through its runner: claim, lease, hand over the plan, record what comes back.
+
+The worker is the trusted side. It decrypts the job's target URL, verifies the
+bundle, takes the lease, and gives the runner only what this job needs; then
+it records what the runner reports (fenced by the lease), and ends the job
+when the runner finishes, fails, dies or runs past its time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from service import targets
+from service.audit.ops import record_event
+from service.databases.models import AppliedRevision, Database
+from service.db import transaction, utcnow
+from service.jobs.models import FINAL_STATES, Job, JobStep
+from service.jobs.run import lease as leasing
+from service.jobs.run.bundles import BundleInfo, project_dir, verified_dir
+from service.jobs.run.context import JobContext
+from service.jobs.run.failure import JobFailure, exit_description, killed_by
+from service.jobs.run.plan import check_checksums
+from service.jobs.run.protocol import ChannelClosed, ProtocolError
+from service.jobs.run.sandbox import (
+    Probe,
+    RunnerProcess,
+    RunnerSpec,
+    SandboxUnavailable,
+    resolve,
+)
+from service.jobs.run.steps import STEP_FLUSH_S, BadReport, StepRecorder
+from service.jobs.run.target_files import SqliteLock, prepare_for_sandbox, sqlite_path
+from service.jobs.run.transitions import (
+    JOB_STATE,
+    Started,
+    claim_stmt,
+    finish,
+    refuse_unclaimed,
+    resolve_target,
+    start_job,
+)
+from service.jobs.sweeper import hand_over
+from service.locks import ops as leases
+from service.locks.ops import FencedOutError
+
+log = logging.getLogger("retort.worker")
+
+# Audit events a runner may report about its own job.
+_RUNNER_EVENTS = ("target.connect_retry", "target.connection_lost", "target.reconnected")
+# Fields of a failure a runner may report (anything else is dropped).
+_ERROR_FIELDS = (
+    "code",
+    "message",
+    "revision",
+    "statement",
+    "database_message",
+    "database_heads",
+    "file",
+    "line",
+    "revisions",
+)
+
+
+# The early way (see _open_early) gives up after this long: a revision that
+# takes its time loading then runs the ordinary way, under its full limit.
+EARLY_LIMIT_S = 30.0
+
+
+class RunnerGone(Exception):
+    """The runner's channel closed (it died, was killed, or broke the protocol)."""
+
+
+@dataclass
+class Plan:
+    """What the job is asked to do, as read from its row."""
+
+    action: str
+    target: str
+    attempt: int
+    previously_started: bool
+    from_heads: list[str] | None
+    bundle: BundleInfo
+    url_encrypted: str
+
+
+class JobRun:
+    """One job on this worker, from the claim to its end."""
+
+    def __init__(self, ctx: JobContext, plan: Plan) -> None:
+        self.ctx, self.plan = ctx, plan
+        self.config = ctx.config
+        self.runner: RunnerProcess | None = None
+        self.sandbox: Probe | None = None
+        self.url: URL | None = None
+        self.sqlite_lock: SqliteLock | None = None
+        self.recorder: StepRecorder | None = None
+        self.started: Started | None = None
+        self.locked: dict[str, Any] | None = None  # the runner's `locked` report
+        self.stopping = False  # the heartbeat stopped the runner (lease lost, shutdown)
+        self.killed_for: str | None = None
+        self.file_lock_waited_ms = 0  # waiting for a SQLite target's lock (the worker's)
+
+    # ---------------------------------------------------------------- entry
+    def run(self) -> str:
+        try:
+            return self._run()
+        finally:
+            if self.runner is not None:
+                self.runner.kill()
+                self.runner = None
+            if self.sqlite_lock is not None:
+                self.sqlite_lock.release()
+
+    def _run(self) -> str:
+        ctx, plan, worker = self.ctx, self.plan, self.ctx.process.name
+        try:
+            self.sandbox = resolve(self.config)
+        except SandboxUnavailable as exc:
+            with transaction(ctx.sessions) as s:
+                refused = refuse_unclaimed(s, ctx, worker, "sandbox_unavailable", str(exc))
+            if refused:
+                ctx.published()
+            log.error("job %s: %s", ctx.job_id, exc)
+            return "not_claimed"
+        self.url = targets.normalize_url(ctx.process.box.decrypt(plan.url_encrypted))
+        early = plan.attempt == 1 and self._open_early()
+        state = granted = False
+        try:
+            with transaction(ctx.sessions) as s:
+                conn = s.connection()
+                params = {"job_id": ctx.job_id, "v_worker": worker, "ttl": self.config.lease_ttl_s}
+                if not conn.execute(claim_stmt(conn.dialect.name), params).rowcount:
+                    state = conn.execute(JOB_STATE, {"job_id": ctx.job_id}).scalar() or "missing"
+                else:
+                    record_event(
+                        s,
+                        "job.claimed",
+                        actor="worker",
+                        project=ctx.project,
+                        database=ctx.database,
+                        job_id=ctx.job_id,
+                        data={"worker": worker, "attempt": plan.attempt},
+                    )
+                    granted = (
+                        leasing.try_lease(s, ctx, worker, time.monotonic(), first=True) is True
+                    )
+                    if granted and early:
+                        self.started = self._start(s)
+        finally:
+            if early and self.started is None:
+                # Not started by the claim: let the target's lock go before
+                # waiting for the lease (the lease is always taken first).
+                self._abort()
+                if self.sqlite_lock is not None:
+                    self.sqlite_lock.release()
+                    self.sqlite_lock = None
+        if state:
+            log.info("job %s not claimed (state %s)", ctx.job_id, state)
+            return "not_claimed"
+        # Waiting for another job: worth telling at once. A granted claim is not
+        # (a waiter woken now would only have to ask again); a started job is.
+        if not granted or self.started is not None:
+            ctx.published()
+        if not granted and not leasing.acquire_lease(ctx, worker):
+            return "not_started"
+        beat = leasing.Beat(ctx, self._stop)
+        lost = False
+        try:
+            self._drive()
+        except RunnerGone as exc:
+            lost = True
+            gone = str(exc)
+        except FencedOutError as exc:
+            log.error("job %s: %s; leaving its state to the new holder", ctx.job_id, exc)
+        except Exception as exc:  # noqa: BLE001 - any other error ends the job with its reason
+            log.exception("job %s failed unexpectedly", ctx.job_id)
+            if self.runner is not None:
+                self._kill("internal error")
+            message = targets.scrub(f"{type(exc).__name__}: {exc}", self.url)
+            self._fail({"code": "internal_error", "message": message})
+        finally:
+            beat.end()
+        if beat.lost.is_set() or beat.stopped.is_set():
+            self._hand_over(beat.stopped.is_set())
+        elif lost:
+            self._crashed(gone)
+        return "done"
+
+    # ------------------------------------------------------------- runners
+    def _spec(self) -> RunnerSpec:
+        info = self.plan.bundle
+        files: frozenset[str] = frozenset()
+        if self.sandbox is not None and self.sandbox.mode == "bwrap" and self._is_sqlite():
+            files = self._project_sqlite_files()
+        return RunnerSpec(
+            project_id=info.project_id,
+            bundle_dir=project_dir(self.config.bundle_cache_dir, info.project_id),
+            helpers_digest=info.digest if info.helpers else None,
+            sqlite_files=files,
+        )
+
+    def _is_sqlite(self) -> bool:
+        return self.url is not None and targets.dialect_of(self.url) == "sqlite"
+
+    def _project_sqlite_files(self) -> frozenset[str]:
+        """The project's SQLite targets (their real paths): what its runner may write."""
+        ctx = self.ctx
+        cache = ctx.process.sqlite_files
+        mine = sqlite_path(self.url.database)
+        files = cache.get(ctx.project_id)
+        if files is None or mine not in files:
+            with transaction(ctx.sessions) as s:
+                rows = s.scalars(
+                    select(Database.url_encrypted).where(
+                        Database.project_id == ctx.project_id, Database.dialect == "sqlite"
+                    )
+                ).all()
+            found = {mine}
+            for encrypted in rows:
+                try:
+                    url = targets.normalize_url(ctx.process.box.decrypt(encrypted))
+                except Exception:  # noqa: BLE001 - a registration that cannot be a target
+                    continue
+                found.add(sqlite_path(url.database))
+            for path in found:
+                try:
+                    prepare_for_sandbox(path)
+                except OSError as exc:
+                    log.warning("cannot prepare SQLite target %s for the sandbox: %s", path, exc)
+            files = frozenset(p for p in found if _exists(p))
+            cache[ctx.project_id] = files
+        return files
+
+    def _take_runner(self) -> RunnerProcess:
+        if self.runner is None:
+            self.bundle_dir = verified_dir(self.ctx, self.plan.bundle)
+            try:
+                self.runner = self.ctx.process.pool.take(self._spec())
+            except (ChannelClosed, OSError) as exc:
+                raise JobFailure(
+                    "runner_crashed", f"the sandboxed runner could not be started: {exc}"
+                ) from None
+        return self.runner
+
+    def _job_message(self, early: bool) -> dict[str, Any]:
+        plan, config, info = self.plan, self.config, self.plan.bundle
+        settings = self.ctx.settings
+        assert self.url is not None and self.sandbox is not None
+        url = self.url
+        if self._is_sqlite():  # the path the sandbox binds (links resolved)
+            url = url.set(database=sqlite_path(url.database))
+        return {
+            "type": "job",
+            "job": {
+                "url": url.render_as_string(hide_password=False),
+                "settings": settings,
+                "action": plan.action,
+                "target": plan.target,
+                "attempt": plan.attempt,
+                "previously_started": plan.previously_started,
+                "from_heads": plan.from_heads,
+                "early": early,
+                "bundle": {
+                    "dir": str(self.bundle_dir),
+                    "digest": info.digest,
+                    "versions_path": info.versions_path,
+                    "helpers": info.helpers,
+                },
+                "connect": {
+                    "attempts": config.connect_attempts,
+                    "backoff_s": config.connect_backoff_s,
+                    "timeout_s": config.connect_timeout_s,
+                },
+                "lock_wait_timeout_s": config.lock_wait_timeout_s,
+                "memory_mb": config.runner_memory_mb,
+                "sqlite_journal": "truncate"
+                if self.sandbox.mode == "bwrap" and self._is_sqlite()
+                else None,
+            },
+        }
+
+    def _recv(self, timeout: float | None) -> dict[str, Any] | None:
+        assert self.runner is not None
+        try:
+            return self.runner.recv(timeout)
+        except (ChannelClosed, ProtocolError) as exc:
+            raise RunnerGone(str(exc)) from None
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.runner is not None
+        try:
+            self.runner.send(message)
+        except ChannelClosed as exc:
+            raise RunnerGone(str(exc)) from None
+
+    def _give_back(self) -> None:
+        """The runner ended its job: keep it warm once it says it is idle."""
+        runner, self.runner = self.runner, None
+        if runner is None:
+            return
+        try:
+            while True:
+                message = runner.recv(10)
+                if message is None:
+                    raise ChannelClosed("no idle report")
+                if message.get("type") == "idle":
+                    rss = message.get("rss_kb")
+                    self.ctx.process.pool.give_back(runner, rss if isinstance(rss, int) else 0)
+                    return
+        except (ChannelClosed, ProtocolError):
+            runner.kill()
+
+    def _abort(self) -> None:
+        """Tell a runner holding the target's lock that the job ends here."""
+        if self.runner is None:
+            return
+        try:
+            self.runner.send({"type": "abort"})
+            while True:
+                message = self.runner.recv(10)
+                if message is None or message.get("type") == "aborted":
+                    break
+        except (ChannelClosed, ProtocolError):
+            self.runner.kill()
+            self.runner = None
+            return
+        self._give_back()
+
+    def _until_locked(self) -> dict[str, Any]:
+        """Read the runner's reports up to `locked`; raise JobFailure if it failed first."""
+        while True:
+            message = self._recv(self._time_left())
+            if message is None:
+                self._kill("timeout")
+                raise JobFailure("timeout", self._timeout_message())
+            kind = message.get("type")
+            if kind == "locked":
+                return message
+            if kind == "event":
+                self._audit_event(message)
+            elif kind in ("failed", "not_early", "aborted", "stopped"):
+                self._give_back()
+                if kind == "failed":
+                    error = message.get("error")
+                    raise JobFailure(**_checked_error(error, self.url))
+                raise JobFailure("not_early", kind)
+            else:
+                raise RunnerGone(f"unexpected report {kind!r} before the lock")
+
+    def _open_early(self) -> bool:
+        """Open the target, take its lock and read its heads, before the claim.
+
+        Then one transaction claims the job, takes the lease and starts the job
+        (and ends it, already at its target): the usual job costs Retort's
+        database one transaction less, and starts sooner. Only a first attempt,
+        with one connect attempt and no wait for the lock: anything else (the
+        target slow to answer, its lock held, an error) and the job takes the
+        ordinary way, lease first, which retries, waits and reports.
+        """
+        try:
+            if self._is_sqlite():
+                self.sqlite_lock = SqliteLock(self.config.data_dir, self.url.database)
+                if not self.sqlite_lock.try_take():
+                    self.sqlite_lock.release()
+                    self.sqlite_lock = None
+                    return False
+            self._take_runner()
+            self.deadline = time.monotonic() + min(EARLY_LIMIT_S, self._max_duration())
+            self._send(self._job_message(early=True))
+            self.locked = self._until_locked()
+            return True
+        except (JobFailure, RunnerGone, OSError) as exc:
+            if isinstance(exc, RunnerGone) and self.runner is not None:
+                self.runner.kill()
+                self.runner = None
+            if self.sqlite_lock is not None:
+                self.sqlite_lock.release()
+                self.sqlite_lock = None
+            self.locked = None
+            return False
+
+    # ---------------------------------------------------------------- start
+    def _start(self, s: Session) -> Started | None:
+        assert self.locked is not None and self.sandbox is not None
+        heads = _heads(self.locked.get("heads"))
+        waited = self.locked.get("waited_ms")
+        if not isinstance(waited, int) or waited < 0:
+            waited = 0
+        waited += self.file_lock_waited_ms
+        return start_job(
+            s,
+            self.ctx,
+            attempt=self.plan.attempt,
+            previously_started=self.plan.previously_started,
+            from_heads_known=self.plan.from_heads is not None,
+            heads=heads,
+            waited_ms=waited,
+            noop=self.locked.get("noop") is True,
+            shas=self.plan.bundle.sha_by_revision,
+            sandbox=self.sandbox.mode,
+        )
+
+    def _max_duration(self) -> float:
+        value = self.ctx.settings.get("max_duration_s")
+        return float(value) if value else self.config.job_max_duration_s
+
+    def _time_left(self) -> float | None:
+        deadline = getattr(self, "deadline", None)
+        return None if deadline is None else max(deadline - time.monotonic(), 0)
+
+    def _timeout_message(self) -> str:
+        return (
+            f"the migration ran longer than its limit of {self._max_duration():.0f} s "
+            "(project setting max_duration_s); it was stopped and its running step rolled "
+            "back: the database is at the last revision the job's steps show as applied"
+        )
+
+    # ---------------------------------------------------------------- drive
+    def _drive(self) -> None:
+        """Run the job with the lease held; raise RunnerGone if the runner goes away."""
+        ctx, plan = self.ctx, self.plan
+        self.deadline = time.monotonic() + self._max_duration()
+        shas = plan.bundle.sha_by_revision
+        self.recorder = StepRecorder(ctx, shas, self.url)
+        try:
+            if self.started is None:
+                if self._is_sqlite() and self.sqlite_lock is None:
+                    lock = SqliteLock(self.config.data_dir, self.url.database)
+                    self.sqlite_lock = lock
+                    self.file_lock_waited_ms = lock.take(self.config.lock_wait_timeout_s)
+                self._take_runner()
+                self._send(self._job_message(early=False))
+                self.locked = self._until_locked()
+                self.started = ctx.write(self._start)
+                if self.started is None:
+                    self._abort()
+                    return  # cancelled while waiting: nothing was touched
+            if self.started.ended:
+                self._abort()
+                return
+            heads = _heads(self.locked.get("heads"))
+            lost = self.locked.get("lost_steps")
+            if plan.attempt > 1 and plan.action == "upgrade" and plan.from_heads is not None:
+                self._record_lost_steps(lost if isinstance(lost, list) else [])
+            check_checksums(shas, self.started.applied, heads)
+        except JobFailure as exc:
+            if self.runner is not None and self.locked is not None:
+                self._abort()
+            self._fail(exc.error)
+            return
+        self._send({"type": "go"})
+        self._follow(heads)
+
+    def _follow(self, from_heads: list[str]) -> None:
+        """Record the runner's reports until the job ends."""
+        recorder, ctx = self.recorder, self.ctx
+        assert recorder is not None
+        fenced = False
+        while True:
+            left = self._time_left()
+            timeout = min(left, STEP_FLUSH_S) if recorder.pending else left
+            message = self._recv(timeout)
+            if message is None:
+                if self._time_left() == 0:
+                    self._kill("timeout")
+                    self._fail({"code": "timeout", "message": self._timeout_message()})
+                    return
+                if recorder.due():
+                    self._flush_or_stop()
+                continue
+            kind = message.get("type")
+            if kind == "step":
+                try:
+                    if fenced:
+                        raise FencedOutError("fenced out", ctx.token, 0, None)
+                    recorder.on_step(message)
+                    self._send({"type": "ok"})
+                except FencedOutError:
+                    fenced = True
+                    self._send({"type": "stop"})
+                except BadReport as exc:
+                    self._kill("bad report")
+                    self._fail({"code": "runner_protocol", "message": f"the runner {exc}"})
+                    return
+            elif kind == "resolved":
+                target = message.get("target")
+                if isinstance(target, str) and (
+                    target == "base" or target in recorder.sha_by_revision
+                ):
+                    try:
+                        ctx.write(lambda s, t=target: resolve_target(s, ctx, t))
+                    except FencedOutError:
+                        fenced = True
+            elif kind == "event":
+                self._audit_event(message)
+            elif kind == "done":
+                self._give_back()
+                if not fenced:
+                    self._succeed(from_heads, _heads(message.get("to_heads")))
+                return
+            elif kind == "failed":
+                self._give_back()
+                if not fenced:
+                    self._failed(message.get("error"))
+                return
+            elif kind == "stopped":
+                self._give_back()
+                log.error("job %s: fenced out; its runner stopped and rolled back", ctx.job_id)
+                return
+            else:
+                self._kill("bad report")
+                self._fail({"code": "runner_protocol", "message": f"unexpected report {kind!r}"})
+                return
+
+    def _flush_or_stop(self) -> None:
+        try:
+            self.recorder.flush()
+        except FencedOutError:
+            log.error("job %s: fenced out while writing steps", self.ctx.job_id)
+
+    def _audit_event(self, message: dict[str, Any]) -> None:
+        name, data = message.get("name"), message.get("data")
+        if name not in _RUNNER_EVENTS or not isinstance(data, dict):
+            return
+        data = {
+            str(k)[:64]: targets.scrub(v, self.url)[:2000] if isinstance(v, str) else v
+            for k, v in list(data.items())[:10]
+            if isinstance(v, (str, int, float, bool, type(None), list))
+        }
+        self.ctx.run(lambda s: self.ctx.audit(s, name, data))
+
+    # ------------------------------------------------------------- endings
+    def _succeed(self, from_heads: list[str], to_heads: list[str]) -> None:
+        ctx, recorder = self.ctx, self.recorder
+        origin = self.plan.from_heads if self.plan.from_heads is not None else from_heads
+
+        def succeed(s: Session):
+            leases.release_fenced(s, ctx.database_id, ctx.token)  # also the fence
+            recorder.write_pending(s)
+            finish(
+                s,
+                ctx,
+                {"state": "succeeded", "to_heads": to_heads},
+                "job.succeeded",
+                {"from_heads": origin, "to_heads": to_heads, "steps": recorder.applied},
+                released=True,
+            )
+
+        try:
+            ctx.write(succeed, fenced_by_fn=True, what="job.succeeded")
+        except FencedOutError as exc:
+            log.error("job %s: %s; not recording its success", ctx.job_id, exc)
+
+    def _failed(self, reported: Any) -> None:
+        """The runner reports a failure: record the failed step, then end the job."""
+        ctx, recorder = self.ctx, self.recorder
+        raw = reported if isinstance(reported, dict) else {}
+        error = _checked_error(raw, self.url)
+        step = raw.get("step")
+        if isinstance(step, dict):
+            to_heads = raw.get("to_heads")
+
+            def record(s: Session):
+                recorder.write_pending(s)
+                recorder.failed_step(s, step, error["message"])
+                s.execute(
+                    sa.update(Job)
+                    .where(Job.id == ctx.job_id)
+                    .values(to_heads=_heads(to_heads) if to_heads is not None else None)
+                )
+
+            try:
+                ctx.write(
+                    record,
+                    event="step.failed",
+                    data={
+                        "revision": error.get("revision"),
+                        "error": error.get("database_message") or error["message"],
+                    },
+                )
+            except FencedOutError:
+                return
+            recorder.pending.clear()  # written with the failed step
+        self._fail(error)
+
+    def _fail(self, error: dict[str, Any]) -> None:
+        ctx, recorder, url = self.ctx, self.recorder, self.url
+        error = {"revision": None, "statement": None, **error}
+        error = {k: targets.scrub(v, url) if isinstance(v, str) else v for k, v in error.items()}
+        if self.sandbox is not None:
+            error.setdefault("sandbox", self.sandbox.mode)
+
+        def mark(s: Session):
+            if recorder is not None:
+                recorder.write_pending(s)
+            finish(s, ctx, {"state": "failed", "error": error}, "job.failed", {"error": error})
+
+        try:
+            ctx.write(mark)
+        except FencedOutError as exc:
+            log.error("job %s: %s; not recording its failure", ctx.job_id, exc)
+
+    def _crashed(self, why: str) -> None:
+        """The runner died on its own (not stopped by this worker): fail the job, say how."""
+        runner = self.runner
+        code = None
+        if runner is not None:
+            try:
+                code = runner.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001
+                code = None
+        how = exit_description(code)
+        if killed_by(code) == 9:
+            how += " (by the kernel's out-of-memory killer, if not by hand)"
+        message = f"the runner running this job's revisions ended unexpectedly: {how}"
+        state = self.ctx.run(lambda s: s.scalar(select(Job.state).where(Job.id == self.ctx.job_id)))
+        if state in FINAL_STATES:
+            return
+        self._fail({"code": "runner_crashed", "message": message, "exit_code": code})
+
+    def _hand_over(self, stopped: bool) -> None:
+        """The heartbeat stopped the runner: hand the job over (lease lost, or shutdown)."""
+        ctx = self.ctx
+        state = ctx.run(lambda s: s.scalar(select(Job.state).where(Job.id == ctx.job_id)))
+        if state in FINAL_STATES:
+            return
+        reason = "worker_shutdown" if stopped else "lease_lost"
+        message = (
+            f"the worker was shut down and its migration did not end within "
+            f"{self.config.shutdown_grace_s:.0f} s; it was stopped and rolled back"
+            if stopped
+            else "the job lost its lease (its heartbeat could not renew it) and was stopped"
+        )
+        try:
+            ctx.write(
+                lambda s: hand_over(
+                    s,
+                    ctx.job_id,
+                    reason=reason,
+                    message=message,
+                    max_attempts=self.config.max_attempts,
+                    token=ctx.token,
+                    actor="worker",
+                    count_attempt=not stopped,
+                )
+            )
+        except FencedOutError:
+            log.warning("job %s: fenced out, leaving its state to the new holder", ctx.job_id)
+
+    # ---------------------------------------------------------------- stops
+    def _stop(self) -> None:
+        """From the heartbeat thread: stop the runner now (the target rolls its step back)."""
+        self.stopping = True
+        self.ctx.clock.forget()
+        runner = self.runner
+        if runner is not None:
+            runner.signal_kill()
+        self._end_backend()
+
+    def _kill(self, why: str) -> None:
+        self.killed_for = why
+        if self.runner is not None:
+            self.runner.kill()
+            self.runner = None
+        self._end_backend()
+
+    def _end_backend(self) -> None:
+        """End the target session the runner used, so its locks go at once."""
+        backend = (self.locked or {}).get("backend")
+        if self.url is None or not isinstance(backend, int) or isinstance(backend, bool):
+            return
+        dialect = targets.dialect_of(self.url)
+        if dialect not in ("postgresql", "mysql"):
+            return
+        try:
+            engine = sa.create_engine(
+                self.url, poolclass=NullPool, connect_args={"connect_timeout": 5}
+            )
+            try:
+                with engine.connect() as conn:
+                    if dialect == "postgresql":
+                        conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": backend})
+                    else:
+                        conn.exec_driver_sql(f"KILL {int(backend)}")
+            finally:
+                engine.dispose()
+        except Exception as exc:  # noqa: BLE001 - closing the socket ends it a little later
+            log.warning("job %s: could not end the target session: %s", self.ctx.job_id, exc)
+
+    # ------------------------------------------------------------- recovery
+    def _record_lost_steps(self, lost: list[Any]) -> None:
+        """Record the steps an earlier attempt committed on the target but not in Retort.
+
+        Steps are written in batches (STEP_FLUSH_S); a worker lost within that
+        window leaves the target ahead of the job's records. The target's
+        version table is the truth: record what it says was applied, and say so.
+        """
+        ctx, shas = self.ctx, self.plan.bundle.sha_by_revision
+        lost = [
+            e
+            for e in lost
+            if isinstance(e, dict) and isinstance(e.get("revision"), str) and e["revision"] in shas
+        ]
+        if not lost:
+            return
+
+        def record(s: Session) -> None:
+            recorded = {
+                rev
+                for revs in s.scalars(
+                    select(JobStep.revisions).where(
+                        JobStep.job_id == ctx.job_id,
+                        JobStep.state == "applied",
+                        JobStep.direction == "up",
+                    )
+                )
+                for rev in revs
+            }
+            for entry in lost:
+                rev = entry["revision"]
+                if rev in recorded:
+                    continue
+                at = utcnow()
+                doc = entry.get("doc") if isinstance(entry.get("doc"), str) else None
+                s.add(
+                    JobStep(
+                        job_id=ctx.job_id,
+                        revisions=[rev],
+                        direction="up",
+                        state="applied",
+                        message=f"{doc} (recorded on recovery: applied by an earlier attempt "
+                        "whose worker was lost before recording it)",
+                        sql=[],
+                        sha256=shas.get(rev),
+                        fencing_token=ctx.token,
+                        started_at=at,
+                        finished_at=at,
+                        duration_ms=0.0,
+                    )
+                )
+                s.merge(
+                    AppliedRevision(
+                        database_id=ctx.database_id,
+                        revision=rev,
+                        sha256=shas.get(rev, ""),
+                        job_id=ctx.job_id,
+                        applied_at=at,
+                    )
+                )
+                ctx.audit(s, "step.recovered", {"revisions": [rev], "direction": "up"})
+
+        ctx.write(record)
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+def _heads(value: Any) -> list[str]:
+    """A runner's list of heads, if it is one (revision ids are short strings)."""
+    if isinstance(value, list) and all(isinstance(h, str) and len(h) <= 255 for h in value):
+        return sorted(value)[:1000]
+    raise BadReport(f"heads that are not a list of revision ids: {value!r:.200}")
+
+
+def _checked_error(error: Any, url: URL | None) -> dict[str, Any]:
+    """A runner's failure report, reduced to the fields a job's error has."""
+    if not isinstance(error, dict):
+        return {"code": "runner_protocol", "message": "the runner failed without saying why"}
+    out: dict[str, Any] = {}
+    for key in _ERROR_FIELDS:
+        value = error.get(key)
+        if isinstance(value, str):
+            out[key] = targets.scrub(value[:20_000], url)
+        elif isinstance(value, (int, float, bool)):
+            out[key] = value
+        elif value is None and key in ("revision", "statement"):
+            out[key] = None
+        elif isinstance(value, list):
+            out[key] = [str(v)[:255] for v in value[:1000]]
+    code = out.get("code")
+    out["code"] = code[:64] if isinstance(code, str) and code else "internal_error"
+    out["message"] = out.get("message") or out["code"]
+    return out

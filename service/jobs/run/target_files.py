@@ -1,0 +1,77 @@
+"""The worker's side of a SQLite target: its file lock, and the files the sandbox binds.
+
+SQLite has no session lock: the worker flocks a file in Retort's own data
+directory (never beside the user's database) for as long as the job runs. The
+lock dies with the worker process, like a session lock with its session.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from service.jobs.run.failure import JobFailure
+
+
+def sqlite_path(database: str) -> str:
+    return os.path.realpath(database)
+
+
+class SqliteLock:
+    """An exclusive flock on `<data_dir>/locks/<sha256 of the database's real path>.lock`."""
+
+    def __init__(self, data_dir: Path, database: str) -> None:
+        real = sqlite_path(database)
+        folder = data_dir / "locks"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = hashlib.sha256(real.encode()).hexdigest()[:32] + ".lock"
+        self.fd = os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def try_take(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def take(self, timeout_s: float) -> int:
+        """Wait for the lock; return how long it took (ms)."""
+        started, delay = time.monotonic(), 0.02
+        while not self.try_take():
+            if time.monotonic() - started > timeout_s:
+                raise JobFailure(
+                    "lock_timeout",
+                    "another job holds the migration lock on this SQLite database "
+                    f"(waited {timeout_s:.0f} s)",
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        return int((time.monotonic() - started) * 1000)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = -1
+
+
+def prepare_for_sandbox(database: str) -> None:
+    """Make the files a sandboxed runner binds: the database, its journal (and WAL files).
+
+    A runner sees only these files of the folder, so it cannot create them
+    itself: an empty database file is a valid empty SQLite database, and an
+    empty journal is no hot journal. In WAL mode the -wal and -shm files too.
+    """
+    real = sqlite_path(database)
+    for name in (real, real + "-journal"):
+        os.close(os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
+    try:
+        with open(real, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return
+    if len(header) == 20 and header[18] == 2:  # file format 2: WAL
+        for name in (real + "-wal", real + "-shm"):
+            os.close(os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
