@@ -1,0 +1,210 @@
+"""What only the full sandbox (bubblewrap) promises: the runner sees none of the
+machine but its own Python, its project's bundles and its project's SQLite files,
+and can signal nothing outside its PID namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from tests.helpers import register_db, run_job, setup_project, wait_until
+from tests.security.conftest import start_serve
+from tests.security.test_sandbox import attack, loot, loot_chain
+
+
+@pytest.fixture(scope="module")
+def bwrapped(backends, tmp_path_factory):
+    server = start_serve(tmp_path_factory, "bwrap", runner_max_warm=0)
+    server.mode = "bwrap"  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_revision_code_cannot_write_retorts_state(bwrapped, new_db, dialect):
+    state_file = str(bwrapped.log_dir / "retort.db")
+    body = f"""
+import sqlite3
+try:
+    con = sqlite3.connect('file:{state_file}?mode=rw', uri=True)
+    con.execute("INSERT INTO api_tokens (name, role, token_hash) VALUES ('evil', 'admin', 'x')")
+    con.execute("DROP TRIGGER IF EXISTS audit_events_no_update")
+    con.commit()
+    keep('state', 'written')
+except Exception as e:
+    keep('state', repr(e))
+"""
+    c, job, url = attack(bwrapped, new_db, body, dialect=dialect)
+    assert job["state"] == "succeeded", job
+    assert "unable to open" in loot(url)["state"], loot(url)
+    names = [t["name"] for t in c.get("/v1/tokens").body["tokens"]]
+    assert "evil" not in names
+    assert c.get("/v1/audit/verify").body["ok"] is True
+
+
+def test_the_runner_sees_only_what_it_needs(bwrapped, new_db, tmp_path):
+    marker = tmp_path / "host-file"
+    marker.write_text("the host's /tmp")
+    body = f"""
+try:
+    seen_marker = open({str(marker)!r}).read()
+except OSError as e:
+    seen_marker = repr(e)
+keep('marker', seen_marker)
+"""
+    body += """
+seen = {}
+for path in ('/', '/tmp', '/root', '/etc', os.path.dirname(os.path.dirname(__file__))):
+    try:
+        seen[path] = sorted(os.listdir(path))
+    except OSError as e:
+        seen[path] = repr(e)
+for path in ('/etc/shadow', '/root/.bash_history', '/proc/1/cmdline'):
+    try:
+        with open(path, 'rb') as f:
+            seen[path] = f.read(200).decode(errors='replace')
+    except OSError as e:
+        seen[path] = repr(e)
+try:
+    open(__file__, 'a').write('# tampered')
+    seen['write_bundle'] = 'written'
+except OSError as e:
+    seen['write_bundle'] = repr(e)
+seen['pids'] = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
+seen['uid'] = os.getuid()
+keep('seen', seen)
+"""
+    _, job, url = attack(bwrapped, new_db, body)
+    assert job["state"] == "succeeded", job
+    seen = loot(url)["seen"]
+    assert "No such file" in seen["/etc/shadow"]
+    assert (
+        "No such file" in seen["/root/.bash_history"] or "Permission" in seen["/root/.bash_history"]
+    )
+    assert "Read-only file system" in seen["write_bundle"]
+    assert seen["uid"] == 65534
+    # A private /tmp: only the folders leading to what is bound (the test's data
+    # directory lives under /tmp), none of the host's files.
+    assert "No such file" in loot(url)["marker"]
+    assert set(seen["/tmp"]) <= {"pytest-of-root"}, seen["/tmp"]
+    assert "shadow" not in seen["/etc"] and "passwd" not in seen["/etc"]
+    # Its own PID namespace: a handful of processes, none of the worker's.
+    assert len(seen["pids"]) < 10, seen["pids"]
+    # The bundle folder shows this project's bundles only.
+    assert len(seen[[k for k in seen if k.startswith("/") and "bundle-cache" in k][0]]) >= 1
+
+
+def test_the_runner_cannot_signal_the_worker_or_the_service(bwrapped, new_db):
+    body = """
+import signal
+hits = []
+for target in [os.getppid(), -1] + [int(p) for p in os.listdir('/proc') if p.isdigit()]:
+    if target == os.getpid():
+        continue
+    try:
+        os.kill(target, signal.SIGKILL)
+        hits.append(target)
+    except OSError as e:
+        hits.append(repr(e))
+keep('hits', hits)
+"""
+    c, job, _ = attack(bwrapped, new_db, body)
+    assert job["state"] in ("succeeded", "failed"), job
+    time.sleep(1)
+    for p in bwrapped.procs:
+        assert p.poll() is None, "retort serve lost a process"
+    assert c.get("/readyz", token=None).status == 200
+    _, after, _ = attack(bwrapped, new_db, "keep('x', 1)")
+    assert after["state"] == "succeeded", after
+
+
+def test_processes_a_revision_leaves_behind_die_with_its_runner(bwrapped, new_db):
+    marker = f"4242.{os.getpid()}"
+    body = f"""
+import subprocess
+subprocess.Popen(['sleep', '{marker}'], start_new_session=True)
+keep('forked', True)
+"""
+    _, job, _ = attack(bwrapped, new_db, body)
+    assert job["state"] == "succeeded", job
+
+    def orphans() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker.encode() in f.read():
+                            found.append(int(entry))
+                except OSError:
+                    pass
+        return found
+
+    # runner_max_warm=0: the runner is let go after its job, its namespace with it.
+    wait_until(lambda: not orphans(), timeout=15)
+
+
+def test_a_sqlite_target_sees_nothing_else_of_its_folder(bwrapped, tmp_path):
+    folder = tmp_path / "tenants"
+    folder.mkdir()
+    (folder / "other-tenant.db").write_bytes(b"secret rows of another tenant")
+    target = folder / "mine.db"
+    body = f"""
+seen = {{'listing': sorted(os.listdir({str(folder)!r}))}}
+try:
+    seen['other'] = open({str(folder / "other-tenant.db")!r}, 'rb').read().decode()
+except OSError as e:
+    seen['other'] = repr(e)
+try:
+    open({str(folder / "new.db")!r}, 'w').write('x')
+    seen['create'] = 'created'
+except OSError as e:
+    seen['create'] = repr(e)
+keep('seen', seen)
+op.create_table('mine', sa.Column('id', sa.Integer))
+"""
+    c = bwrapped.client
+    project, _ = setup_project(c, loot_chain(body))
+    db = register_db(c, project, f"sqlite:///{target}")
+    job = run_job(c, db, timeout=90)
+    assert job["state"] == "succeeded", job
+    seen = loot(f"sqlite:///{target}")["seen"]
+    assert "other-tenant.db" not in seen["listing"], seen
+    assert "No such file" in seen["other"], seen
+    # A file it makes there lands in its private view (a tmpfs), never in the folder.
+    assert not (folder / "new.db").exists(), seen
+    # The journal stays beside the database (where SQLite's recovery looks), no lock file.
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "mine.db",
+        "mine.db-journal",
+        "other-tenant.db",
+    ]
+    assert (folder / "mine.db-journal").stat().st_size == 0
+    engine = sa.create_engine(f"sqlite:///{target}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "r2"
+    engine.dispose()
+
+
+def test_a_modified_cache_file_is_never_run(bwrapped, new_db):
+    c = bwrapped.client
+    project, bundle = setup_project(c, loot_chain("keep('ran', 'original')"))
+    db = register_db(c, project, new_db("postgresql"))
+    assert run_job(c, db)["state"] == "succeeded"
+    cached = list(bwrapped.log_dir.glob(f"bundle-cache/p*/{bundle['id']}/versions/r2.py"))
+    assert len(cached) == 1, list(bwrapped.log_dir.glob("bundle-cache/**"))
+    cached[0].write_text(cached[0].read_text().replace("'original'", "'tampered'"))
+    url = new_db("postgresql")
+    db2 = register_db(c, project, url)
+    job = run_job(c, db2)
+    assert job["state"] == "succeeded", job
+    assert loot(url)["ran"] == "original"
+    assert "'original'" in cached[0].read_text()  # unpacked again from the state database
+    events = c.get(f"/v1/audit?job={job['id']}").body["events"]
+    discarded = [e for e in events if e["action"] == "bundle.cache_discarded"]
+    assert discarded and "r2.py" in discarded[0]["data"]["problem"], events
+    json.dumps(discarded)
