@@ -1,6 +1,6 @@
 """Fleet (c) for two versions of Retort, side by side in one run, against (b).
 
-    .venv/bin/python bench/ab.py REF [--databases 200] [--rounds 4]
+    .venv/bin/python bench/ab.py REF [--databases 200] [--rounds 4] [--dialect sqlite|postgresql]
 
 REF is a git commit (or branch, tag) of this repository, checked out in a
 temporary worktree. Both versions run the production layout (PostgreSQL state,
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--databases", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--revisions", type=int, default=30)
+    parser.add_argument("--dialect", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="rtbench-ab-") as tmp:
@@ -61,7 +62,7 @@ def main() -> None:
             files = h.synthetic_chain(args.revisions)
             workdir = res.tmpdir("ab-alembic")
             fleet.write_alembic_project(workdir, files)
-            targets = fleet.Targets(res, "sqlite", args.databases)
+            targets = fleet.Targets(res, args.dialect, args.databases)
             ratios: dict[str, list[float]] = {name: [] for name in versions}
             for k in range(args.rounds):
                 b = fleet.way_api(workdir, targets.fresh())["seconds"]

@@ -28,4 +28,13 @@ class LeaseClock:
         self._sent = float("-inf")
 
     def surely_held(self, ttl: float) -> bool:
-        return time.monotonic() < self._sent + ttl / 2
+        return time.monotonic() < self.surely_until(ttl)
+
+    def surely_until(self, ttl: float) -> float:
+        """The CLOCK_MONOTONIC time until which the lease is surely held.
+
+        One clock for every process of the machine: the runner may commit a
+        step without asking until then (bwrap does not unshare the time
+        namespace).
+        """
+        return self._sent + ttl / 2

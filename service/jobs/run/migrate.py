@@ -207,7 +207,14 @@ class Runner:
         )
         if reply.get("type") != "go":
             return None  # the worker ended the job (nothing to do, cancelled, refused)
-        return _Migration(self, job, conn, url, script).run()
+        migration = _Migration(self, job, conn, url, script)
+        migration.fence_until = _deadline(reply.get("fence_until"))
+        return migration.run()
+
+
+def _deadline(value: Any) -> float:
+    """A CLOCK_MONOTONIC deadline from the worker (one clock for the whole machine)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _backend_id(conn: Connection) -> int | None:
@@ -265,6 +272,9 @@ class _Migration:
         self.applied = 0
         self.boundary = 0.0
         self.boundary_at = 0.0
+        # Until then the worker knows its lease is held (LeaseClock): a step may
+        # commit without waiting for its word. After it, each step asks first.
+        self.fence_until = 0.0
 
     def run(self) -> dict[str, Any]:
         reconnects = 0
@@ -352,8 +362,9 @@ class _Migration:
         self.statements.append(text)
 
     def _on_version_apply(self, ctx, step, heads, run_args) -> None:
-        # After the step's DDL and version-table update, before its COMMIT: the
-        # worker checks the fence, and a `stop` rolls the step back.
+        # After the step's DDL and version-table update, before its COMMIT: past
+        # fence_until the worker checks the fence first, and a `stop` rolls the
+        # step back.
         now, at = time.perf_counter(), time.time()
         sql, self.statements = self.statements, []
         record = {
@@ -369,9 +380,14 @@ class _Migration:
             "duration_ms": (now - self.boundary) * 1000,
         }
         self.boundary, self.boundary_at = now, at
-        reply = self.runner.ask(record)
-        if reply.get("type") != "ok":
-            raise Stopped()
+        if time.monotonic() < self.fence_until:
+            self.runner.chan.send(record)  # the worker records it; the lease is surely held
+        else:
+            record["ask"] = True
+            reply = self.runner.ask(record)
+            if reply.get("type") != "ok":
+                raise Stopped()
+            self.fence_until = _deadline(reply.get("fence_until"))
         self.applied += 1
 
     # ------------------------------------------------------------- failures

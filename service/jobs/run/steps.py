@@ -104,11 +104,14 @@ class StepRecorder:
     flushed_at: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def on_step(self, message: dict[str, Any]) -> None:
+    def on_step(self, message: dict[str, Any], check: bool = True) -> None:
         """A step the runner applied and is about to commit: fence it, keep its record.
 
-        Raises FencedOutError when this job no longer holds the lease: the
-        runner is then told to stop, and the target rolls the step back.
+        `check`: the runner waits for the answer (it was past the time the
+        lease is surely held); raises FencedOutError when this job no longer
+        holds the lease: the runner is then told to stop, and the target rolls
+        the step back. Otherwise the runner committed within that time, and
+        the record is fenced when it is written.
         """
         step = checked_step(message, self.sha_by_revision, self.url)
         revisions = step["revisions"]
@@ -140,9 +143,11 @@ class StepRecorder:
                 self.pending.append(record)
             self.flush()
         else:
-            # Fast steps: check the fence before this COMMIT, write the records
-            # together a little later (or with the job's end), fenced again then.
-            self.ctx.check_fence("step.applied")
+            # Fast steps: check the fence before this COMMIT (if the runner
+            # asks), write the records together a little later (or with the
+            # job's end), fenced again then.
+            if check:
+                self.ctx.check_fence("step.applied")
             with self.lock:
                 self.pending.append(record)
         self.applied += 1

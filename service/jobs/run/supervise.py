@@ -457,7 +457,7 @@ class JobRun:
                 self._abort()
             self._fail(exc.error)
             return
-        self._send({"type": "go"})
+        self._send({"type": "go", "fence_until": self._fence_until()})
         self._follow(heads)
 
     def _follow(self, from_heads: list[str]) -> None:
@@ -479,14 +479,17 @@ class JobRun:
                 continue
             kind = message.get("type")
             if kind == "step":
+                ask = message.get("ask") is True
                 try:
                     if fenced:
                         raise FencedOutError("fenced out", ctx.token, 0, None)
-                    recorder.on_step(message)
-                    self._send({"type": "ok"})
+                    recorder.on_step(message, check=ask)
+                    if ask:
+                        self._send({"type": "ok", "fence_until": self._fence_until()})
                 except FencedOutError:
                     fenced = True
-                    self._send({"type": "stop"})
+                    if ask:
+                        self._send({"type": "stop"})
                 except BadReport as exc:
                     self._kill("bad report")
                     self._fail({"code": "runner_protocol", "message": f"the runner {exc}"})
@@ -520,6 +523,13 @@ class JobRun:
                 self._kill("bad report")
                 self._fail({"code": "runner_protocol", "message": f"unexpected report {kind!r}"})
                 return
+
+    def _fence_until(self) -> float:
+        """Until when the runner may commit steps without asking (a little before the clock's
+        own bound, for the moment between its check and its commit)."""
+        if self.stopping:
+            return 0.0
+        return self.ctx.clock.surely_until(self.config.lease_ttl_s) - 1.0
 
     def _flush_or_stop(self) -> None:
         try:
