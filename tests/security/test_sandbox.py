@@ -211,3 +211,29 @@ def test_a_failed_revision_says_which_file_and_line(sandboxed, new_db):
     assert isinstance(error["line"], int) and error["line"] > 1
     assert "the tenant broke it" in error["message"]
     assert "versions/r2.py, line" in error["message"]
+
+
+def test_a_silent_mysql_port_fails_its_job_within_timeouts_while_others_are_served(
+    sandboxed, new_db
+):
+    from tests.security.test_targets import SilentServer
+
+    silent = SilentServer()
+    try:
+        c = sandboxed.client
+        project, _ = setup_project(c, loot_chain("keep('x', 1)"))
+        db = register_db(c, project, f"mysql://root:pw@127.0.0.1:{silent.port}/app")
+        started = time.monotonic()
+        hung = c.post("/v1/jobs", {"database": db}).body["id"]
+        _, other, _ = attack(sandboxed, new_db, "keep('x', 1)")
+        assert other["state"] == "succeeded", other
+        done = c.wait_job(hung, timeout=60)
+        # Two connect attempts of 2 s each (the tests' settings), a backoff, and the
+        # early try: bounded, not minutes.
+        assert time.monotonic() - started < 30
+        assert done["state"] == "failed", done
+        assert done["error"]["code"] == "target_unreachable", done["error"]
+        assert "pw" not in json.dumps(done)
+        assert c.get(f"/v1/databases/{db}").body["lock"]["held_by_job"] is None
+    finally:
+        silent.close()

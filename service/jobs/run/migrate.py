@@ -25,7 +25,10 @@ from service.jobs.run import plan
 from service.jobs.run.failure import JobFailure, db_message, locate, partial_ddl
 from service.jobs.run.protocol import Channel
 
-_MAX_ENGINES = 32
+# Target engines a runner keeps (one idle connection each) for its project's
+# next jobs on the same database. Few: a fleet migrates each database once, and
+# every kept connection counts against the target server's max_connections.
+_MAX_ENGINES = 8
 _MAX_SCRIPTS = 8
 
 
