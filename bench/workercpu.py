@@ -160,18 +160,23 @@ def main() -> None:
 
 
 def _runners_cpu(process) -> float:
-    """CPU seconds used so far by the worker's warm runners (every process of their sessions)."""
-    sessions = {r.proc.pid for r in process.pool.idle.values()}
-    total = 0
+    """CPU seconds used so far by the worker's warm runners and every process under them."""
+    stats = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) in sessions:  # field 6 of stat: the session id
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, cpu
+    roots = {r.proc.pid for r in process.pool.idle.values()}
+    total = 0
+    for pid, (_ppid, cpu) in stats.items():
+        p = pid
+        while p in stats and p not in roots:
+            p = stats[p][0]
+        if p in roots:
+            total += cpu
     return total / os.sysconf("SC_CLK_TCK")
 
 

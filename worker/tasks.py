@@ -167,6 +167,7 @@ def _settle_heap() -> None:
 def _on_pool_process_start(**_):
     signal.signal(signal.SIGUSR2, lambda *_: _process().request_shutdown(config.shutdown_grace_s))
     _settle_heap()
+    _process().pool.prime()  # a spare runner, started before the first job needs one
 
 
 @signals.worker_shutting_down.connect

@@ -8,7 +8,6 @@ differs (or has a file too many) is discarded and unpacked again, never run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from service.bundles.models import Bundle, BundleFile
+from service.jobs.run.checksums import differences
 from service.jobs.run.context import JobContext, WorkerProcess
 
 log = logging.getLogger("retort.worker")
@@ -89,18 +89,7 @@ def verified_dir(ctx: JobContext, info: BundleInfo) -> Path:
         problem = differences(final, info.files)
         if problem is None:
             return final
-        log.error(
-            "job %s: the cached copy of bundle %s differs from what was uploaded (%s); "
-            "discarding it and unpacking it again",
-            ctx.job_id,
-            info.digest[:12],
-            problem,
-        )
-        ctx.run(
-            lambda s: ctx.audit(
-                s, "bundle.cache_discarded", {"bundle": info.digest, "problem": problem}
-            )
-        )
+        discarded(ctx, info, problem)
         aside = root / f".bad-{info.digest}-{os.getpid()}"
         try:
             os.rename(final, aside)
@@ -134,29 +123,22 @@ def verified_dir(ctx: JobContext, info: BundleInfo) -> Path:
     return final
 
 
+def discarded(ctx: JobContext, info: BundleInfo, problem: str) -> None:
+    """Say (log and audit) that a copy of a bundle on disk differed and was thrown away."""
+    log.error(
+        "job %s: a copy of bundle %s on disk differs from what was uploaded (%s); "
+        "discarding it and unpacking it again",
+        ctx.job_id,
+        info.digest[:12],
+        problem,
+    )
+    ctx.run(
+        lambda s: ctx.audit(
+            s, "bundle.cache_discarded", {"bundle": info.digest, "problem": problem}
+        )
+    )
+
+
 def _contents(s: Session, pk: int) -> dict[str, bytes]:
     rows = s.execute(select(BundleFile.path, BundleFile.content).where(BundleFile.bundle_pk == pk))
     return {path: content for path, content in rows}
-
-
-def differences(folder: Path, files: dict[str, str]) -> str | None:
-    """None if `folder` holds exactly `files` with those sha256s; else what differs."""
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        for name in filenames:
-            path = os.path.relpath(os.path.join(dirpath, name), folder)
-            if path not in files:
-                return f"{path}: not in the bundle"
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                return f"{path}: a link"
-            with open(full, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            if digest != files[path]:
-                return f"{path}: sha256 {digest[:12]}, uploaded {files[path][:12]}"
-            seen.add(path)
-    missing = set(files) - seen
-    if missing:
-        return f"{sorted(missing)[0]}: missing"
-    return None

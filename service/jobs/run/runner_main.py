@@ -63,11 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     set_limits(args)
 
+    import gc
+
     import alembic
     import sqlalchemy
 
     from service.jobs.run.migrate import Runner
     from service.jobs.run.protocol import Channel, ChannelClosed
+
+    _load_dialects()
+    # What every job shares (SQLAlchemy, Alembic, the dialects) out of the cycle
+    # collector's way, as the worker's pool process does (worker/tasks.py).
+    gc.collect()
+    gc.freeze()
 
     chan = Channel(rfd, wfd)
     runner = Runner(chan)
@@ -90,6 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         if message.get("type") == "job":
             runner.run_job(message["job"])
             chan.send({"type": "idle", "rss_kb": _rss_kb()})
+
+
+def _load_dialects() -> None:
+    for name in (
+        "sqlite3",
+        "sqlalchemy.dialects.sqlite",
+        "sqlalchemy.dialects.postgresql",
+        "sqlalchemy.dialects.mysql",
+        "psycopg",
+        "pymysql",
+        "alembic.ddl",
+        "alembic.operations.toimpl",
+        "alembic.runtime.environment",
+    ):
+        try:
+            __import__(name)
+        except ImportError:  # an optional driver: its jobs fail and say so
+            pass
 
 
 def _rss_kb() -> int:

@@ -22,14 +22,16 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import service
 from service.config import Config
+from service.jobs.run.checksums import differences
 from service.jobs.run.protocol import Channel, ChannelClosed, ProtocolError
 
 log = logging.getLogger("retort.worker")
@@ -191,15 +193,19 @@ def _under(path: str, root: str) -> bool:
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    """What a runner is for: one project (and bundle, when it carries helper modules)."""
+    """What a runner is for: one project (and bundle, when it carries helper modules).
 
-    project_id: int
-    bundle_dir: Path  # the project's directory of the bundle cache (read-only to it)
+    A spare runner (project_id None) is started before it is needed and
+    given to the first project whose job needs no file bound at start (any
+    target but a SQLite file under bwrap).
+    """
+
+    project_id: int | None
     helpers_digest: str | None = None
     sqlite_files: frozenset[str] = frozenset()
 
     @property
-    def key(self) -> tuple[int, str | None]:
+    def key(self) -> tuple[int | None, str | None]:
         return (self.project_id, self.helpers_digest)
 
 
@@ -208,6 +214,11 @@ class RunnerProcess:
 
     def __init__(self, spec: RunnerSpec, sandbox: Probe, config: Config) -> None:
         self.spec, self.sandbox = spec, sandbox
+        # The bundles this runner may read: hard links of verified bundles,
+        # put there by the worker as its jobs need them (read-only inside).
+        root = config.data_dir / "runners"
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix="r-", dir=root))
         self.started = time.monotonic()
         self.last_used = self.started
         self.jobs = 0
@@ -256,14 +267,17 @@ class RunnerProcess:
             start_new_session=True,  # its own session: kill(0) cannot reach the worker
         )
         self.chan = Channel(self.proc.stdout.fileno(), self.proc.stdin.fileno())
-        ready = self.recv(config.runner_start_timeout_s)
+        try:
+            ready = self.recv(config.runner_start_timeout_s)
+        except (ChannelClosed, ProtocolError) as exc:
+            ready = {"error": str(exc)}
         if ready is None or ready.get("type") != "ready":
             self.kill()
             raise ChannelClosed(f"the runner did not start: {ready!r}")
         self.versions = {k: ready.get(k) for k in ("python", "sqlalchemy", "alembic")}
 
     def _job_binds(self) -> list[str]:
-        args = ["--ro-bind", str(self.spec.bundle_dir), str(self.spec.bundle_dir)]
+        args = ["--ro-bind", str(self.staging), str(self.staging)]
         for path in sorted(self.spec.sqlite_files):
             # The database and its rollback journal, read-write; nothing else of
             # their folder (other tenants' files) exists in the runner's view.
@@ -310,6 +324,37 @@ class RunnerProcess:
             except OSError:
                 pass
         shutil.rmtree(self._cwd, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def staged(self, digest: str, files: dict[str, str]) -> tuple[Path | None, str | None]:
+        """This runner's copy of a bundle if it has one and it is intact; else why not."""
+        staged = self.staging / digest
+        if not staged.is_dir():
+            return None, None
+        problem = differences(staged, files)
+        if problem is None:
+            return staged, None
+        shutil.rmtree(staged, ignore_errors=True)
+        return None, problem
+
+    def stage(self, verified: Path, digest: str, files: dict[str, str]) -> Path:
+        """The bundle as this runner sees it: hard links of the verified copy, checked."""
+        staged = self.staging / digest
+        if not staged.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.staging))
+            for path in files:
+                dest = tmp / path
+                dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                try:
+                    os.link(verified / path, dest)
+                except OSError:  # another file system: a copy
+                    shutil.copyfile(verified / path, dest)
+            os.rename(tmp, staged)
+        problem = differences(staged, files)
+        if problem is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise ChannelClosed(f"the runner's copy of bundle {digest[:12]} differs: {problem}")
+        return staged
 
     def close(self) -> None:
         """Let an idle runner go."""
@@ -344,32 +389,76 @@ def _nproc_limit(extra: int) -> int:
     return count + extra
 
 
-@dataclass
 class RunnerPool:
     """The warm runners of one worker process: one project (and environment) each.
 
     A runner is reused only for later jobs of the same project: a project's
     code may see its own databases' URLs, never another project's. Idle ones
-    are evicted, and at most `max_warm` are kept.
+    are evicted, and at most `max_warm` are kept. One spare is kept started
+    (by a thread that lives as long as the process, so that the runner's
+    die-with-parent signal is tied to the process, not to a passing thread):
+    the first job of a project does not wait for an interpreter to start.
     """
 
-    config: Config
-    sandbox: Probe
-    idle: OrderedDict[tuple, RunnerProcess] = field(default_factory=OrderedDict)
+    def __init__(self, config: Config, sandbox: Probe) -> None:
+        self.config, self.sandbox = config, sandbox
+        self.idle: OrderedDict[tuple, RunnerProcess] = OrderedDict()
+        self._spare: RunnerProcess | None = None
+        self._lock = threading.Lock()
+        self._want_spare = threading.Event()
+        self._spawner: threading.Thread | None = None
+
+    def prime(self) -> None:
+        """Start keeping a spare runner (from now on, one is always being made ready)."""
+        if self.config.runner_max_warm <= 0 or self._spawner is not None:
+            return
+        self._spawner = threading.Thread(target=self._keep_spare, name="runner-spare", daemon=True)
+        self._spawner.start()
+        self._want_spare.set()
+
+    def _keep_spare(self) -> None:
+        while True:
+            self._want_spare.wait()
+            self._want_spare.clear()
+            with self._lock:
+                if self._spare is not None:
+                    continue
+            try:
+                spare = RunnerProcess(RunnerSpec(None), self.sandbox, self.config)
+            except Exception as exc:  # noqa: BLE001 - jobs start their own runner meanwhile
+                log.warning("could not start a spare runner: %s", exc)
+                time.sleep(5)
+                self._want_spare.set()
+                continue
+            with self._lock:
+                self._spare = spare
+
+    def _take_spare(self, spec: RunnerSpec) -> RunnerProcess | None:
+        if spec.sqlite_files and self.sandbox.mode == "bwrap":
+            return None  # its files must be bound when the sandbox starts
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            self.prime()
+            return None
+        self._want_spare.set()
+        if not spare.alive():
+            spare.kill()
+            return None
+        spare.spec = spec
+        return spare
 
     def take(self, spec: RunnerSpec) -> RunnerProcess:
         """A runner for `spec`: a warm one that can reach what the job needs, or a new one."""
         self.evict_idle()
         runner = self.idle.pop(spec.key, None)
         if runner is not None and (
-            not runner.alive()
-            or not spec.sqlite_files <= runner.spec.sqlite_files
-            or runner.spec.bundle_dir != spec.bundle_dir
+            not runner.alive() or not spec.sqlite_files <= runner.spec.sqlite_files
         ):
             runner.close()
             runner = None
         if runner is None:
-            runner = RunnerProcess(spec, self.sandbox, self.config)
+            runner = self._take_spare(spec) or RunnerProcess(spec, self.sandbox, self.config)
         runner.last_used = time.monotonic()
         return runner
 
@@ -397,6 +486,10 @@ class RunnerPool:
     def close_all(self) -> None:
         while self.idle:
             self.idle.popitem()[1].close()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
 
 __all__ = [

@@ -25,7 +25,7 @@ from service.databases.models import AppliedRevision, Database
 from service.db import transaction, utcnow
 from service.jobs.models import FINAL_STATES, Job, JobStep
 from service.jobs.run import lease as leasing
-from service.jobs.run.bundles import BundleInfo, project_dir, verified_dir
+from service.jobs.run.bundles import BundleInfo, discarded, verified_dir
 from service.jobs.run.context import JobContext
 from service.jobs.run.failure import JobFailure, exit_description, killed_by
 from service.jobs.run.plan import check_checksums
@@ -203,7 +203,6 @@ class JobRun:
             files = self._project_sqlite_files()
         return RunnerSpec(
             project_id=info.project_id,
-            bundle_dir=project_dir(self.config.bundle_cache_dir, info.project_id),
             helpers_digest=info.digest if info.helpers else None,
             sqlite_files=files,
         )
@@ -242,9 +241,18 @@ class JobRun:
 
     def _take_runner(self) -> RunnerProcess:
         if self.runner is None:
-            self.bundle_dir = verified_dir(self.ctx, self.plan.bundle)
+            info = self.plan.bundle
             try:
                 self.runner = self.ctx.process.pool.take(self._spec())
+                # Verified before every use: the runner's own copy if it has one
+                # (a warm runner), else the cache's, then linked for it.
+                staged, problem = self.runner.staged(info.digest, info.files)
+                if problem is not None:
+                    discarded(self.ctx, info, f"the runner's copy: {problem}")
+                if staged is None:
+                    verified = verified_dir(self.ctx, info)
+                    staged = self.runner.stage(verified, info.digest, info.files)
+                self.bundle_dir = staged
             except (ChannelClosed, OSError) as exc:
                 raise JobFailure(
                     "runner_crashed", f"the sandboxed runner could not be started: {exc}"
