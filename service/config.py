@@ -62,6 +62,8 @@ class Config:
     runner_idle_s: float = 300.0
     runner_max_rss_mb: int = 512
     runner_start_timeout_s: float = 30.0
+    # Benchmarks only: each runner writes a cProfile of its life to this folder.
+    runner_profile_dir: str = ""
     # A job's wall-clock limit unless its project sets max_duration_s: past
     # it the job fails with `timeout`, its step rolled back, the lease freed.
     job_max_duration_s: float = 3600.0

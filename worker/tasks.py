@@ -170,6 +170,13 @@ def _on_pool_process_start(**_):
     _process().pool.prime()  # a spare runner, started before the first job needs one
 
 
+@signals.worker_process_shutdown.connect
+def _on_pool_process_end(**_):
+    """Let this process's warm runners go (they would die with it anyway)."""
+    if _process.cache_info().currsize:
+        _process().close()
+
+
 @signals.worker_shutting_down.connect
 def _tell_pool_processes(sig, how, exitcode, **_):
     pool = getattr(getattr(_controller, "pool", None), "_pool", None)
