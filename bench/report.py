@@ -1,6 +1,6 @@
 """Write bench/run.py's results into BENCHMARKS.md, between `<!-- bench:NAME -->` markers.
 
-Everything outside the markers (the per-job isolation section, hand-written
+Everything outside the markers (the runner section, hand-written
 analysis) is kept; a section that was not run keeps its previous block.
 """
 

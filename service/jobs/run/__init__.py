@@ -4,5 +4,5 @@ Data flows one way: claim -> lease -> sandbox -> runner (migrate) -> steps -> tr
 The runner's modules (runner_main, migrate, protocol, plan) import nothing of
 Retort's state side: they run in a sandboxed process that holds no secret but
 its job's target URL. This package's __init__ imports nothing, so that the
-runner can be started as `python -m service.jobs.run.runner_main`.
+runner imports runner_main without the worker side (see sandbox._BOOT).
 """

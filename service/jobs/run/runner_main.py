@@ -1,4 +1,4 @@
-"""The runner's entry point: `python -I -m service.jobs.run.runner_main --limits ...`.
+"""The runner's entry point, started by the worker as `python -I -B -c <boot> ROOT --limits ...`.
 
 A fresh interpreter started by exec (never a fork of the worker), inside the
 sandbox the worker chose. It holds no secret but the target URL of the job it

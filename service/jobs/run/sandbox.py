@@ -53,6 +53,12 @@ _ETC_FILES = (
     "/etc/alternatives",
 )
 NOBODY = 65534
+# The runner's first lines: import service.jobs.run.runner_main from the same
+# tree as the worker (argv[1]), not whichever copy the environment's path finds.
+_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from service.jobs.run.runner_main import main; sys.exit(main())"
+)
 
 
 class SandboxUnavailable(Exception):
@@ -229,8 +235,10 @@ class RunnerProcess:
             sys.executable,
             "-I",
             "-B",
-            "-m",
-            "service.jobs.run.runner_main",
+            "-c",
+            _BOOT,
+            # The worker's own copy of Retort (its runner must speak the same protocol).
+            os.path.dirname(os.path.dirname(os.path.realpath(service.__file__))),
             "--sandbox",
             sandbox.mode,
             "--memory-mb",
