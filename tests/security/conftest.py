@@ -63,14 +63,19 @@ def secrets_of(server: Retort) -> list[str]:
     return [s for s in out if s]
 
 
-def pids_of_runners() -> list[int]:
+def pids_with(text: bytes) -> list[int]:
+    """The processes of this machine whose command line holds `text`."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"service.jobs.run.runner_main" in f.read():
+                    if text in f.read():
                         pids.append(int(entry))
             except OSError:
                 pass
     return pids
+
+
+def pids_of_runners() -> list[int]:
+    return pids_with(b"service.jobs.run.runner_main")

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.helpers import register_db, run_job, setup_project, wait_until
-from tests.security.conftest import start_serve
+from tests.security.conftest import pids_with, start_serve
 from tests.security.test_sandbox import attack, loot, loot_chain
 
 
@@ -135,20 +135,8 @@ keep('forked', True)
     _, job, _ = attack(bwrapped, new_db, body)
     assert job["state"] == "succeeded", job
 
-    def orphans() -> list[int]:
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        if marker.encode() in f.read():
-                            found.append(int(entry))
-                except OSError:
-                    pass
-        return found
-
     # runner_max_warm=0: the runner is let go after its job, its namespace with it.
-    wait_until(lambda: not orphans(), timeout=15)
+    wait_until(lambda: not pids_with(marker.encode()), timeout=15)
 
 
 def test_a_sqlite_target_sees_nothing_else_of_its_folder(bwrapped, tmp_path):

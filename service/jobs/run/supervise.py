@@ -75,6 +75,10 @@ _ERROR_FIELDS = (
 EARLY_LIMIT_S = 30.0
 
 
+class _NotEarly(Exception):
+    """The runner could not open and lock the target at once: take the ordinary way."""
+
+
 class RunnerGone(Exception):
     """The runner's channel closed (it died, was killed, or broke the protocol)."""
 
@@ -106,7 +110,6 @@ class JobRun:
         self.started: Started | None = None
         self.locked: dict[str, Any] | None = None  # the runner's `locked` report
         self.stopping = False  # the heartbeat stopped the runner (lease lost, shutdown)
-        self.killed_for: str | None = None
         self.file_lock_waited_ms = 0  # waiting for a SQLite target's lock (the worker's)
 
     # ---------------------------------------------------------------- entry
@@ -355,12 +358,11 @@ class JobRun:
                 return message
             if kind == "event":
                 self._audit_event(message)
-            elif kind in ("failed", "not_early", "aborted", "stopped"):
+            elif kind in ("failed", "not_early"):
                 self._give_back()
-                if kind == "failed":
-                    error = message.get("error")
-                    raise JobFailure(**_checked_error(error, self.url))
-                raise JobFailure("not_early", kind)
+                if kind == "not_early":
+                    raise _NotEarly()
+                raise JobFailure(**_checked_error(message.get("error"), self.url))
             else:
                 raise RunnerGone(f"unexpected report {kind!r} before the lock")
 
@@ -386,7 +388,7 @@ class JobRun:
             self._send(self._job_message(early=True))
             self.locked = self._until_locked()
             return True
-        except (JobFailure, RunnerGone, OSError) as exc:
+        except (_NotEarly, JobFailure, RunnerGone, OSError) as exc:
             if isinstance(exc, RunnerGone) and self.runner is not None:
                 self.runner.kill()
                 self.runner = None
@@ -685,7 +687,7 @@ class JobRun:
         self._end_backend()
 
     def _kill(self, why: str) -> None:
-        self.killed_for = why
+        log.warning("job %s: killing its runner (%s)", self.ctx.job_id, why)
         if self.runner is not None:
             self.runner.kill()
             self.runner = None
