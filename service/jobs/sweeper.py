@@ -91,6 +91,37 @@ def recover_lost_jobs(session: Session, max_attempts: int) -> dict[str, list[int
         )
         if outcome:
             out[outcome].append(job_id)
+    # A started job whose lease another job took over (an expired lease is any
+    # waiter's): its worker is gone or fenced out for good, and nothing else
+    # would ever end it. Its token is this attempt's while it runs, or waits
+    # for the target's lock after the grant (the grant clears claim_expires_at).
+    superseded = session.scalars(
+        select(Job.id)
+        .join(Lease, Lease.database_id == Job.database_id)
+        .where(
+            Job.fencing_token.is_not(None),
+            or_(
+                Job.state == "running",
+                and_(Job.state == "waiting_for_lock", Job.claim_expires_at.is_(None)),
+            ),
+            or_(
+                Lease.token != Job.fencing_token,
+                Lease.holder_job_id.is_(None),
+                Lease.holder_job_id != Job.id,
+            ),
+        )
+    ).all()
+    for job_id in superseded:
+        outcome = hand_over(
+            session,
+            job_id,
+            reason="lease_taken_over",
+            message="the lease of the worker running this job expired and another job "
+            "took it (the worker crashed, was killed or froze)",
+            max_attempts=max_attempts,
+        )
+        if outcome:
+            out[outcome].append(job_id)
     waiting = session.scalars(
         select(Job.id).where(Job.state == "waiting_for_lock", Job.claim_expires_at < now)
     ).all()

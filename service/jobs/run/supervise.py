@@ -745,6 +745,17 @@ class JobRun:
                 )
                 for rev in revs
             }
+            # Applied and recorded by another job meanwhile (one that took the
+            # lease over): theirs, not this job's.
+            recorded |= set(
+                s.scalars(
+                    select(AppliedRevision.revision).where(
+                        AppliedRevision.database_id == ctx.database_id,
+                        AppliedRevision.job_id != ctx.job_id,
+                        AppliedRevision.revision.in_([e["revision"] for e in lost]),
+                    )
+                )
+            )
             for entry in lost:
                 rev = entry["revision"]
                 if rev in recorded:
