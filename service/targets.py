@@ -488,19 +488,22 @@ def connect_with_retries(
     raise AssertionError("unreachable")
 
 
-def interrupt(conn: Connection, url: URL) -> None:
-    """Stop the statement running on `conn`, from another thread (the lease was lost)."""
-    dbapi_conn = conn.connection.dbapi_connection
+def end_session(url: URL, session_id: int, connect_timeout: int) -> None:
+    """End a target session from another one (its runner was killed): its locks go at once.
+
+    PostgreSQL `pg_terminate_backend`, MySQL/MariaDB `KILL`; SQLite has no
+    server session (the killed process held the file). Bounded like every
+    target connection.
+    """
     dialect = dialect_of(url)
-    if dialect == "sqlite":
-        dbapi_conn.interrupt()
-    elif dialect == "postgresql":
-        dbapi_conn.cancel()
-    else:
-        # MySQL cancels a statement only from another session.
-        killer = make_target_engine(url, 5, read_timeout_s=10)
-        try:
-            with killer.connect() as other:
-                other.exec_driver_sql(f"KILL QUERY {int(dbapi_conn.thread_id())}")
-        finally:
-            killer.dispose()
+    if dialect not in ("postgresql", "mysql"):
+        return
+    killer = make_target_engine(url, connect_timeout, read_timeout_s=10)
+    try:
+        with killer.connect() as other:
+            if dialect == "postgresql":
+                other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": session_id})
+            else:
+                other.exec_driver_sql(f"KILL {int(session_id)}")
+    finally:
+        killer.dispose()

@@ -171,8 +171,9 @@ def _heartbeat(
     next_renewal = last_ok + ttl / 3
     while True:
         timeout = next_renewal - time.monotonic()
-        if ctx.process.shutdown_deadline is not None:
-            timeout = min(timeout, ctx.process.shutdown_deadline - time.monotonic())  # noqa: E501
+        deadline = ctx.process.shutdown_deadline
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
         wake.wait(max(timeout, 0))
         wake.clear()
         if done.is_set():

@@ -7,6 +7,7 @@ channel, which checks and records it. Imports nothing of Retort's state side.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import OrderedDict
@@ -359,8 +360,6 @@ class _Migration:
         if text == "BEGIN":  # the SQLite transactional recipe's own statement
             return
         if parameters:
-            import json
-
             text += f"  -- parameters: {json.dumps(parameters, default=str)[:500]}"
         self.statements.append(text)
 

@@ -512,16 +512,3 @@ class RunnerPool:
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()
-
-
-__all__ = [
-    "ChannelClosed",
-    "ProtocolError",
-    "Probe",
-    "RunnerPool",
-    "RunnerProcess",
-    "RunnerSpec",
-    "SandboxUnavailable",
-    "probe",
-    "resolve",
-]

@@ -8,7 +8,6 @@ target's password and bounded, and every write is fenced by the job's lease.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,20 @@ _UNAPPLY = _applied.delete().where(
 )
 _INSERT_APPLIED = insert(_applied)
 _INSERT_STEPS = insert(JobStep.__table__)
+
+
+# Fields of a failure a runner may report (anything else is dropped).
+ERROR_FIELDS = (
+    "code",
+    "message",
+    "revision",
+    "statement",
+    "database_message",
+    "database_heads",
+    "file",
+    "line",
+    "revisions",
+)
 
 
 class BadReport(Exception):
@@ -102,7 +115,6 @@ class StepRecorder:
     applied: int = 0
     pending: list[dict[str, Any]] = field(default_factory=list)
     flushed_at: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_step(self, message: dict[str, Any], check: bool = True) -> None:
         """A step the runner applied and is about to commit: fence it, keep its record.
@@ -139,8 +151,7 @@ class StepRecorder:
         }
         if time.monotonic() - self.flushed_at >= STEP_FLUSH_S:
             # A slow migration: record this step now (fenced), so it shows at once.
-            with self.lock:
-                self.pending.append(record)
+            self.pending.append(record)
             self.flush()
         else:
             # Fast steps: check the fence before this COMMIT (if the runner
@@ -148,8 +159,7 @@ class StepRecorder:
             # job's end), fenced again then.
             if check:
                 self.ctx.check_fence("step.applied")
-            with self.lock:
-                self.pending.append(record)
+            self.pending.append(record)
         self.applied += 1
 
     def due(self) -> bool:
@@ -193,13 +203,12 @@ class StepRecorder:
             conn.execute(_INSERT_APPLIED, list(applied.values()))
 
     def flush(self) -> None:
-        with self.lock:
-            if self.pending:
-                self.ctx.write(self.write_pending, what="step.applied")
-                self.pending.clear()
-            self.flushed_at = time.monotonic()
+        if self.pending:
+            self.ctx.write(self.write_pending, what="step.applied")
+            self.pending.clear()
+        self.flushed_at = time.monotonic()
 
-    def failed_step(self, s: Session, message: dict[str, Any] | None, error: str) -> None:
+    def failed_step(self, s: Session, message: dict[str, Any] | None) -> None:
         """Record the step that failed (its SQL up to the failure), in the caller's transaction."""
         if not isinstance(message, dict):
             return
@@ -223,3 +232,31 @@ class StepRecorder:
                 duration_ms=step["duration_ms"],
             )
         )
+
+
+def checked_heads(value: Any) -> list[str]:
+    """A runner's list of heads, if it is one (revision ids are short strings)."""
+    if isinstance(value, list) and all(isinstance(h, str) and len(h) <= 255 for h in value):
+        return sorted(value)[:1000]
+    raise BadReport(f"heads that are not a list of revision ids: {value!r:.200}")
+
+
+def checked_error(error: Any, url: URL | None) -> dict[str, Any]:
+    """A runner's failure report, reduced to the fields a job's error has."""
+    if not isinstance(error, dict):
+        return {"code": "runner_protocol", "message": "the runner failed without saying why"}
+    out: dict[str, Any] = {}
+    for key in ERROR_FIELDS:
+        value = error.get(key)
+        if isinstance(value, str):
+            out[key] = targets.scrub(value[:20_000], url)
+        elif isinstance(value, (int, float, bool)):
+            out[key] = value
+        elif value is None and key in ("revision", "statement"):
+            out[key] = None
+        elif isinstance(value, list):
+            out[key] = [str(v)[:255] for v in value[:1000]]
+    code = out.get("code")
+    out["code"] = code[:64] if isinstance(code, str) and code else "internal_error"
+    out["message"] = out.get("message") or out["code"]
+    return out

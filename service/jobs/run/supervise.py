@@ -9,21 +9,20 @@ when the runner finishes, fails, dies or runs past its time.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from service import targets
 from service.audit.ops import record_event
-from service.databases.models import AppliedRevision, Database
-from service.db import transaction, utcnow
-from service.jobs.models import FINAL_STATES, Job, JobStep
+from service.databases.models import Database
+from service.db import transaction
+from service.jobs.run import endings
 from service.jobs.run import lease as leasing
 from service.jobs.run.bundles import BundleInfo, discarded, verified_dir
 from service.jobs.run.context import JobContext
@@ -37,37 +36,28 @@ from service.jobs.run.sandbox import (
     SandboxUnavailable,
     resolve,
 )
-from service.jobs.run.steps import STEP_FLUSH_S, BadReport, StepRecorder
+from service.jobs.run.steps import (
+    STEP_FLUSH_S,
+    BadReport,
+    StepRecorder,
+    checked_error,
+    checked_heads,
+)
 from service.jobs.run.target_files import SqliteLock, prepare_for_sandbox, sqlite_path
 from service.jobs.run.transitions import (
     JOB_STATE,
     Started,
     claim_stmt,
-    finish,
     refuse_unclaimed,
     resolve_target,
     start_job,
 )
-from service.jobs.sweeper import hand_over
-from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 
 log = logging.getLogger("retort.worker")
 
 # Audit events a runner may report about its own job.
 _RUNNER_EVENTS = ("target.connect_retry", "target.connection_lost", "target.reconnected")
-# Fields of a failure a runner may report (anything else is dropped).
-_ERROR_FIELDS = (
-    "code",
-    "message",
-    "revision",
-    "statement",
-    "database_message",
-    "database_heads",
-    "file",
-    "line",
-    "revisions",
-)
 
 
 # The early way (see _open_early) gives up after this long: a revision that
@@ -111,6 +101,7 @@ class JobRun:
         self.locked: dict[str, Any] | None = None  # the runner's `locked` report
         self.stopping = False  # the heartbeat stopped the runner (lease lost, shutdown)
         self.file_lock_waited_ms = 0  # waiting for a SQLite target's lock (the worker's)
+        self.deadline: float | None = None  # CLOCK_MONOTONIC: when the runner's time is up
 
     # ---------------------------------------------------------------- entry
     def run(self) -> str:
@@ -193,7 +184,7 @@ class JobRun:
         finally:
             beat.end()
         if beat.lost.is_set() or beat.stopped.is_set():
-            self._hand_over(beat.stopped.is_set())
+            endings.hand_over_stopped(ctx, beat.stopped.is_set())
         elif lost:
             self._crashed(gone)
         return "done"
@@ -238,7 +229,7 @@ class JobRun:
                     prepare_for_sandbox(path)
                 except OSError as exc:
                     log.warning("cannot prepare SQLite target %s for the sandbox: %s", path, exc)
-            files = frozenset(p for p in found if _exists(p))
+            files = frozenset(p for p in found if os.path.exists(p))
             cache[ctx.project_id] = files
         return files
 
@@ -362,7 +353,7 @@ class JobRun:
                 self._give_back()
                 if kind == "not_early":
                     raise _NotEarly()
-                raise JobFailure(**_checked_error(message.get("error"), self.url))
+                raise JobFailure(**checked_error(message.get("error"), self.url))
             else:
                 raise RunnerGone(f"unexpected report {kind!r} before the lock")
 
@@ -401,7 +392,7 @@ class JobRun:
     # ---------------------------------------------------------------- start
     def _start(self, s: Session) -> Started | None:
         assert self.locked is not None and self.sandbox is not None
-        heads = _heads(self.locked.get("heads"))
+        heads = checked_heads(self.locked.get("heads"))
         waited = self.locked.get("waited_ms")
         if not isinstance(waited, int) or waited < 0:
             waited = 0
@@ -424,8 +415,7 @@ class JobRun:
         return float(value) if value else self.config.job_max_duration_s
 
     def _time_left(self) -> float | None:
-        deadline = getattr(self, "deadline", None)
-        return None if deadline is None else max(deadline - time.monotonic(), 0)
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0)
 
     def _timeout_message(self) -> str:
         return (
@@ -457,10 +447,10 @@ class JobRun:
             if self.started.ended:
                 self._abort()
                 return
-            heads = _heads(self.locked.get("heads"))
+            heads = checked_heads(self.locked.get("heads"))
             lost = self.locked.get("lost_steps")
             if plan.attempt > 1 and plan.action == "upgrade" and plan.from_heads is not None:
-                self._record_lost_steps(lost if isinstance(lost, list) else [])
+                endings.record_lost_steps(ctx, shas, lost if isinstance(lost, list) else [])
             check_checksums(shas, self.started.applied, heads)
         except JobFailure as exc:
             if self.runner is not None and self.locked is not None:
@@ -472,7 +462,7 @@ class JobRun:
 
     def _follow(self, from_heads: list[str]) -> None:
         """Record the runner's reports until the job ends."""
-        recorder, ctx = self.recorder, self.ctx
+        recorder, ctx, plan = self.recorder, self.ctx, self.plan
         assert recorder is not None
         fenced = False
         while True:
@@ -518,12 +508,15 @@ class JobRun:
             elif kind == "done":
                 self._give_back()
                 if not fenced:
-                    self._succeed(from_heads, _heads(message.get("to_heads")))
+                    origin = plan.from_heads if plan.from_heads is not None else from_heads
+                    endings.succeed(ctx, recorder, origin, checked_heads(message.get("to_heads")))
                 return
             elif kind == "failed":
                 self._give_back()
                 if not fenced:
-                    self._failed(message.get("error"))
+                    endings.record_failure(
+                        ctx, recorder, self.url, message.get("error"), self._mode()
+                    )
                 return
             elif kind == "stopped":
                 self._give_back()
@@ -559,122 +552,26 @@ class JobRun:
         self.ctx.run(lambda s: self.ctx.audit(s, name, data))
 
     # ------------------------------------------------------------- endings
-    def _succeed(self, from_heads: list[str], to_heads: list[str]) -> None:
-        ctx, recorder = self.ctx, self.recorder
-        origin = self.plan.from_heads if self.plan.from_heads is not None else from_heads
-
-        def succeed(s: Session):
-            leases.release_fenced(s, ctx.database_id, ctx.token)  # also the fence
-            recorder.write_pending(s)
-            finish(
-                s,
-                ctx,
-                {"state": "succeeded", "to_heads": to_heads},
-                "job.succeeded",
-                {"from_heads": origin, "to_heads": to_heads, "steps": recorder.applied},
-                released=True,
-            )
-
-        try:
-            ctx.write(succeed, fenced_by_fn=True, what="job.succeeded")
-        except FencedOutError as exc:
-            log.error("job %s: %s; not recording its success", ctx.job_id, exc)
-
-    def _failed(self, reported: Any) -> None:
-        """The runner reports a failure: record the failed step, then end the job."""
-        ctx, recorder = self.ctx, self.recorder
-        raw = reported if isinstance(reported, dict) else {}
-        error = _checked_error(raw, self.url)
-        step = raw.get("step")
-        if isinstance(step, dict):
-            to_heads = raw.get("to_heads")
-
-            def record(s: Session):
-                recorder.write_pending(s)
-                recorder.failed_step(s, step, error["message"])
-                s.execute(
-                    sa.update(Job)
-                    .where(Job.id == ctx.job_id)
-                    .values(to_heads=_heads(to_heads) if to_heads is not None else None)
-                )
-
-            try:
-                ctx.write(
-                    record,
-                    event="step.failed",
-                    data={
-                        "revision": error.get("revision"),
-                        "error": error.get("database_message") or error["message"],
-                    },
-                )
-            except FencedOutError:
-                return
-            recorder.pending.clear()  # written with the failed step
-        self._fail(error)
+    def _mode(self) -> str | None:
+        return self.sandbox.mode if self.sandbox is not None else None
 
     def _fail(self, error: dict[str, Any]) -> None:
-        ctx, recorder, url = self.ctx, self.recorder, self.url
-        error = {"revision": None, "statement": None, **error}
-        error = {k: targets.scrub(v, url) if isinstance(v, str) else v for k, v in error.items()}
-        if self.sandbox is not None:
-            error.setdefault("sandbox", self.sandbox.mode)
-
-        def mark(s: Session):
-            if recorder is not None:
-                recorder.write_pending(s)
-            finish(s, ctx, {"state": "failed", "error": error}, "job.failed", {"error": error})
-
-        try:
-            ctx.write(mark)
-        except FencedOutError as exc:
-            log.error("job %s: %s; not recording its failure", ctx.job_id, exc)
+        endings.fail(self.ctx, self.recorder, self.url, error, self._mode())
 
     def _crashed(self, why: str) -> None:
         """The runner died on its own (not stopped by this worker): fail the job, say how."""
-        runner = self.runner
         code = None
-        if runner is not None:
+        if self.runner is not None:
             try:
-                code = runner.proc.wait(timeout=5)
+                code = self.runner.proc.wait(timeout=5)
             except Exception:  # noqa: BLE001
                 code = None
         how = exit_description(code)
         if killed_by(code) == 9:
             how += " (by the kernel's out-of-memory killer, if not by hand)"
-        message = f"the runner running this job's revisions ended unexpectedly: {how}"
-        state = self.ctx.run(lambda s: s.scalar(select(Job.state).where(Job.id == self.ctx.job_id)))
-        if state in FINAL_STATES:
-            return
-        self._fail({"code": "runner_crashed", "message": message, "exit_code": code})
-
-    def _hand_over(self, stopped: bool) -> None:
-        """The heartbeat stopped the runner: hand the job over (lease lost, or shutdown)."""
-        ctx = self.ctx
-        state = ctx.run(lambda s: s.scalar(select(Job.state).where(Job.id == ctx.job_id)))
-        if state in FINAL_STATES:
-            return
-        reason = "worker_shutdown" if stopped else "lease_lost"
-        message = (
-            f"the worker was shut down and its migration did not end within "
-            f"{self.config.shutdown_grace_s:.0f} s; it was stopped and rolled back"
-            if stopped
-            else "the job lost its lease (its heartbeat could not renew it) and was stopped"
-        )
-        try:
-            ctx.write(
-                lambda s: hand_over(
-                    s,
-                    ctx.job_id,
-                    reason=reason,
-                    message=message,
-                    max_attempts=self.config.max_attempts,
-                    token=ctx.token,
-                    actor="worker",
-                    count_attempt=not stopped,
-                )
-            )
-        except FencedOutError:
-            log.warning("job %s: fenced out, leaving its state to the new holder", ctx.job_id)
+        if not endings.is_final(self.ctx):
+            message = f"the runner running this job's revisions ended unexpectedly: {how}"
+            self._fail({"code": "runner_crashed", "message": message, "exit_code": code})
 
     # ---------------------------------------------------------------- stops
     def _stop(self) -> None:
@@ -698,129 +595,7 @@ class JobRun:
         backend = (self.locked or {}).get("backend")
         if self.url is None or not isinstance(backend, int) or isinstance(backend, bool):
             return
-        dialect = targets.dialect_of(self.url)
-        if dialect not in ("postgresql", "mysql"):
-            return
         try:
-            engine = sa.create_engine(
-                self.url, poolclass=NullPool, connect_args={"connect_timeout": 5}
-            )
-            try:
-                with engine.connect() as conn:
-                    if dialect == "postgresql":
-                        conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": backend})
-                    else:
-                        conn.exec_driver_sql(f"KILL {int(backend)}")
-            finally:
-                engine.dispose()
+            targets.end_session(self.url, backend, self.config.connect_timeout_s)
         except Exception as exc:  # noqa: BLE001 - closing the socket ends it a little later
             log.warning("job %s: could not end the target session: %s", self.ctx.job_id, exc)
-
-    # ------------------------------------------------------------- recovery
-    def _record_lost_steps(self, lost: list[Any]) -> None:
-        """Record the steps an earlier attempt committed on the target but not in Retort.
-
-        Steps are written in batches (STEP_FLUSH_S); a worker lost within that
-        window leaves the target ahead of the job's records. The target's
-        version table is the truth: record what it says was applied, and say so.
-        """
-        ctx, shas = self.ctx, self.plan.bundle.sha_by_revision
-        lost = [
-            e
-            for e in lost
-            if isinstance(e, dict) and isinstance(e.get("revision"), str) and e["revision"] in shas
-        ]
-        if not lost:
-            return
-
-        def record(s: Session) -> None:
-            recorded = {
-                rev
-                for revs in s.scalars(
-                    select(JobStep.revisions).where(
-                        JobStep.job_id == ctx.job_id,
-                        JobStep.state == "applied",
-                        JobStep.direction == "up",
-                    )
-                )
-                for rev in revs
-            }
-            # Applied and recorded by another job meanwhile (one that took the
-            # lease over): theirs, not this job's.
-            recorded |= set(
-                s.scalars(
-                    select(AppliedRevision.revision).where(
-                        AppliedRevision.database_id == ctx.database_id,
-                        AppliedRevision.job_id != ctx.job_id,
-                        AppliedRevision.revision.in_([e["revision"] for e in lost]),
-                    )
-                )
-            )
-            for entry in lost:
-                rev = entry["revision"]
-                if rev in recorded:
-                    continue
-                at = utcnow()
-                doc = entry.get("doc") if isinstance(entry.get("doc"), str) else None
-                s.add(
-                    JobStep(
-                        job_id=ctx.job_id,
-                        revisions=[rev],
-                        direction="up",
-                        state="applied",
-                        message=f"{doc} (recorded on recovery: applied by an earlier attempt "
-                        "whose worker was lost before recording it)",
-                        sql=[],
-                        sha256=shas.get(rev),
-                        fencing_token=ctx.token,
-                        started_at=at,
-                        finished_at=at,
-                        duration_ms=0.0,
-                    )
-                )
-                s.merge(
-                    AppliedRevision(
-                        database_id=ctx.database_id,
-                        revision=rev,
-                        sha256=shas.get(rev, ""),
-                        job_id=ctx.job_id,
-                        applied_at=at,
-                    )
-                )
-                ctx.audit(s, "step.recovered", {"revisions": [rev], "direction": "up"})
-
-        ctx.write(record)
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.exists(path)
-
-
-def _heads(value: Any) -> list[str]:
-    """A runner's list of heads, if it is one (revision ids are short strings)."""
-    if isinstance(value, list) and all(isinstance(h, str) and len(h) <= 255 for h in value):
-        return sorted(value)[:1000]
-    raise BadReport(f"heads that are not a list of revision ids: {value!r:.200}")
-
-
-def _checked_error(error: Any, url: URL | None) -> dict[str, Any]:
-    """A runner's failure report, reduced to the fields a job's error has."""
-    if not isinstance(error, dict):
-        return {"code": "runner_protocol", "message": "the runner failed without saying why"}
-    out: dict[str, Any] = {}
-    for key in _ERROR_FIELDS:
-        value = error.get(key)
-        if isinstance(value, str):
-            out[key] = targets.scrub(value[:20_000], url)
-        elif isinstance(value, (int, float, bool)):
-            out[key] = value
-        elif value is None and key in ("revision", "statement"):
-            out[key] = None
-        elif isinstance(value, list):
-            out[key] = [str(v)[:255] for v in value[:1000]]
-    code = out.get("code")
-    out["code"] = code[:64] if isinstance(code, str) and code else "internal_error"
-    out["message"] = out.get("message") or out["code"]
-    return out
