@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,9 @@ _RUNNER_EVENTS = ("target.connect_retry", "target.connection_lost", "target.reco
 # The early way (see _open_early) gives up after this long: a revision that
 # takes its time loading then runs the ordinary way, under its full limit.
 EARLY_LIMIT_S = 30.0
+# When the heartbeat stops a job, it waits this long for the job's own thread
+# before it kills the runner (see JobRun._stop).
+STOP_GRACE_S = 1.0
 
 
 class _NotEarly(Exception):
@@ -102,6 +106,7 @@ class JobRun:
         self.stopping = False  # the heartbeat stopped the runner (lease lost, shutdown)
         self.file_lock_waited_ms = 0  # waiting for a SQLite target's lock (the worker's)
         self.deadline: float | None = None  # CLOCK_MONOTONIC: when the runner's time is up
+        self.driven = threading.Event()  # the job's own thread is done with the runner
 
     # ---------------------------------------------------------------- entry
     def run(self) -> str:
@@ -182,6 +187,7 @@ class JobRun:
             message = targets.scrub(f"{type(exc).__name__}: {exc}", self.url)
             self._fail({"code": "internal_error", "message": message})
         finally:
+            self.driven.set()
             beat.end()
         if beat.lost.is_set() or beat.stopped.is_set():
             endings.hand_over_stopped(ctx, beat.stopped.is_set())
@@ -575,9 +581,17 @@ class JobRun:
 
     # ---------------------------------------------------------------- stops
     def _stop(self) -> None:
-        """From the heartbeat thread: stop the runner now (the target rolls its step back)."""
+        """From the heartbeat thread: stop the runner (the target rolls its step back).
+
+        First a moment for this job's own thread: a step already waiting for
+        the fence's answer is refused there (and audited as the refused
+        step), and the runner rolls it back itself. A runner busy in a
+        statement or in the revision's own code is killed after it.
+        """
         self.stopping = True
         self.ctx.clock.forget()
+        if self.driven.wait(STOP_GRACE_S):
+            return
         runner = self.runner
         if runner is not None:
             runner.signal_kill()
