@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from celery import Celery
 
 from service.config import Config
 
 RUN_JOB = "jobs.run"
-SWEEP = "jobs.sweep"
 DELIVER = "webhooks.deliver"
 
 
@@ -31,13 +34,6 @@ def make_celery(config: Config) -> Celery:
         task_send_sent_event=False,
         enable_utc=True,
         task_routes={DELIVER: {"queue": config.webhook_queue}},
-        beat_schedule={
-            "sweep": {
-                "task": SWEEP,
-                "schedule": config.sweep_interval_s,
-                "options": {"expires": config.sweep_interval_s},
-            }
-        },
     )
     return app
 
@@ -56,6 +52,12 @@ class Dispatcher:
         self._app.send_task(
             DELIVER, args=[delivery_id], countdown=countdown, queue=self._webhook_queue
         )
+
+    @contextmanager
+    def broker(self) -> Iterator[Any]:
+        """The broker's own client (redis-py), for the sweeper's marker key."""
+        with self._app.connection_for_write() as conn:
+            yield conn.default_channel.client
 
     def ping(self) -> None:
         with self._app.connection_for_write() as conn:

@@ -12,15 +12,13 @@ from functools import cache
 from celery import signals
 
 from service.crypto import SecretBox
-from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction, utcnow
-from service.idempotency.ops import purge_expired
-from service.jobs import sweeper
+from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker
 from service.jobs.run.claim import run_job
 from service.jobs.run.context import WorkerProcess
 from service.jobs.run.sandbox import probe
-from service.queue import DELIVER, RUN_JOB, SWEEP
+from service.queue import DELIVER, RUN_JOB
 from service.webhooks import outbox
-from service.webhooks.delivery import attempt_delivery, deliveries_to_resend
+from service.webhooks.delivery import attempt_delivery
 from worker.celery_app import app, config
 
 log = logging.getLogger("retort.worker")
@@ -28,16 +26,12 @@ log = logging.getLogger("retort.worker")
 # audit log already, with its SQL and duration.
 logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
-# Present in the broker while it keeps its data; gone after a restart of a
-# Redis that keeps nothing on disk, or a flush: then no queued job has a message.
-BROKER_EPOCH_KEY = f"retort:{config.queue}:broker-epoch"
-
 
 @cache
 def _sessions():
     # One engine per pool process, built after the fork.
     sessions = make_sessionmaker(
-        make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S)
+        make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S), config.audit_keys
     )
     outbox.attach(sessions, config)
     return sessions
@@ -64,46 +58,6 @@ def deliver(delivery_id: int) -> None:
     delay = attempt_delivery(config, _sessions(), _box(), delivery_id)
     if delay is not None:
         deliver.apply_async(args=[delivery_id], countdown=delay, queue=config.webhook_queue)
-
-
-@app.task(name=SWEEP, acks_late=False, ignore_result=True)
-def sweep() -> dict:
-    with transaction(_sessions()) as s:
-        handed = sweeper.recover_lost_jobs(s, config.max_attempts)
-    with app.connection_for_write() as conn:
-        broker = conn.default_channel.client
-        broker_lost = not broker.exists(BROKER_EPOCH_KEY)
-        lost_before = utcnow() if broker_lost else None
-        sent = []
-        while True:
-            with transaction(_sessions()) as s:
-                queued = sweeper.jobs_to_redispatch(
-                    s, config.redispatch_after_s, lost_before=lost_before
-                )
-            for job_id in queued:
-                run.apply_async(args=[job_id])
-            sent += queued
-            if not broker_lost or not queued:
-                break
-        if broker_lost:  # only once every queued job has a message again
-            broker.set(BROKER_EPOCH_KEY, lost_before.isoformat())
-    with transaction(_sessions()) as s:
-        deliveries = deliveries_to_resend(s)
-    for delivery_id in deliveries:
-        deliver.apply_async(args=[delivery_id], queue=config.webhook_queue)
-    with transaction(_sessions()) as s:
-        purged = purge_expired(s, config.idempotency_ttl_s)
-    if handed["recovering"] or handed["failed"] or sent or deliveries:
-        log.warning(
-            "sweeper: recovering %s, failed %s (worker lost), sent again %s%s, "
-            "deliveries sent again %s",
-            handed["recovering"],
-            handed["failed"],
-            sent,
-            " (the broker lost its messages)" if broker_lost and sent else "",
-            deliveries,
-        )
-    return {**handed, "redispatched": sent, "deliveries": deliveries, "purged": purged}
 
 
 # ------------------------------------------------------------------ shutdown

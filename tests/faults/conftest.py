@@ -324,6 +324,30 @@ class Hold:
     def wait_entered(self, times: int = 1, timeout: float = 60) -> None:
         _wait(lambda: self.times_entered() >= times, timeout, f"revision entered {times} time(s)")
 
+    def wait_abandoned(self, timeout: float = 10) -> None:
+        """Wait until every revision waiting here has died (its connection closed).
+
+        A killed worker's runner dies a few milliseconds after it (a parent-death
+        signal, bwrap's then the runner's): a test that opens the gate at once
+        races the runner's last COMMIT.
+        """
+
+        def gone() -> bool:
+            with self._lock:
+                waiting = list(self._waiting)
+            for conn in waiting:
+                conn.setblocking(False)
+                try:
+                    if conn.recv(1, socket.MSG_PEEK) != b"":
+                        return False
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    pass
+            return True
+
+        _wait(gone, timeout, "the waiting revisions to die")
+
 
 def _release(conn: socket.socket) -> None:
     try:

@@ -40,6 +40,7 @@ def test_worker_killed_mid_migration_is_recovered(stack, new_db, tmp_path, diale
     first_token = job["lock"]["fencing_token"]
     name, _ = s.worker_of(job)
     s.kill_worker(name)  # r2 is mid-transaction: it dies with its worker
+    hold.wait_abandoned()
     hold.open()
 
     done = c.wait_job(job["id"], timeout=90)
@@ -197,6 +198,7 @@ def test_a_job_whose_lease_a_waiter_takes_over_still_ends_and_keeps_only_its_own
     name, _ = s.worker_of(x)
     killed = time.monotonic()
     s.kill_worker(name)  # X is mid-r2; Y's worker is the other one
+    hold.wait_abandoned()
     hold.open()
     y = c.wait_job(y_id, timeout=60)
     assert y["state"] == "succeeded", y
