@@ -103,7 +103,8 @@ def main() -> None:
             body = {"database": f"d{i}", "action": "upgrade", "target": "head"}
             job_ids.append(ok("POST", "/v1/jobs", json=body)["id"])
         sessions = make_sessionmaker(
-            make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S)
+            make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S),
+            config.audit_keys,
         )
         outbox.attach(sessions, config)
         if not args.no_freeze:

@@ -38,6 +38,7 @@ from service.idempotency.ops import check_key
 from service.jobs.cache import FinishedJobs
 from service.jobs.run.sandbox import probe
 from service.jobs.watch import JobWatcher
+from service.limits import RequestLimits, hold_request, load_json, refusal_event
 from service.openapi import DOCS_PAGE, build_spec
 from service.principal import ADMIN, Principal
 from service.queue import Dispatcher
@@ -63,6 +64,7 @@ class Services:
     dispatcher: Dispatcher
     watcher: JobWatcher
     finished_jobs: FinishedJobs
+    limits: RequestLimits
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -76,8 +78,10 @@ def create_app(config: Config | None = None) -> Flask:
     engine = make_engine(
         config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S, pool_size=config.api_state_pool
     )
-    sessions = make_sessionmaker(engine)
+    sessions = make_sessionmaker(engine, config.audit_keys)
     dispatcher = Dispatcher(config)
+    limits = RequestLimits(config, lambda data: _record_refusal(sessions, "anonymous", data))
+    app.wsgi_app = limits.wrap(app.wsgi_app)
     outbox.attach(sessions, config, dispatcher)
     app.extensions["retort"] = Services(
         config=config,
@@ -93,6 +97,7 @@ def create_app(config: Config | None = None) -> Flask:
             config.watch_live_interval_s,
         ),
         finished_jobs=FinishedJobs(),
+        limits=limits,
     )
 
     from service.audit.api import bp as audit_bp
@@ -109,12 +114,15 @@ def create_app(config: Config | None = None) -> Flask:
     @app.before_request
     def _authenticate():
         g.principal = None
-        if not request.path.startswith("/v1/") or request.path == "/v1/openapi.json":
-            return None
+        public = not request.path.startswith("/v1/") or request.path == "/v1/openapi.json"
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        if public or scheme.lower() != "bearer" or not token:
+            # Requests without a token count against their source address.
+            hold_request(f"addr:{request.remote_addr}")
+            if public:
+                return None
             raise UnauthorizedError("send `Authorization: Bearer <token>`")
         if hmac.compare_digest(token.encode(), config.admin_token.encode()):
             g.principal = ADMIN
@@ -125,6 +133,7 @@ def create_app(config: Config | None = None) -> Flask:
                 raise UnauthorizedError("the token is not valid (unknown, revoked or expired)")
         # Idempotency keys belong to the token that sent them, stored as a digest.
         g.token_digest = hashlib.sha256(token.encode()).hexdigest()
+        hold_request(f"token:{g.token_digest}")
         return None
 
     spec = build_spec(app, _version())
@@ -224,28 +233,29 @@ def require(role: str, *, everywhere: bool = False) -> None:
 
 
 def _audit_refusal(status: int, code: str, message: str) -> None:
-    """Record a refused write in the audit log: who, what, why (reads are not recorded)."""
-    if request.method in ("GET", "HEAD", "OPTIONS") or not 400 <= status < 500:
+    """Record a refused write in the audit log: who, what, why (reads are not recorded).
+
+    Without a valid token, refusals are counted per source address and recorded
+    as one event per source per window carrying the count (service.limits).
+    """
+    if not 400 <= status < 500 or not request.path.startswith("/v1/"):
         return
-    if not request.path.startswith("/v1/"):
-        return
+    write = request.method not in ("GET", "HEAD", "OPTIONS")
+    event = refusal_event(request.method, request.path, status, code, message)
     who = getattr(g, "principal", None)
+    if who is None:
+        source = request.remote_addr or "unknown"
+        services().limits.refusals.note(source, event if write else None)
+    elif write:
+        _record_refusal(services().sessions, who.name, event)
+
+
+def _record_refusal(sessions: sessionmaker[Session], who: str, data: dict[str, Any]) -> None:
     try:
-        with transaction(services().sessions) as s:
-            record_event(
-                s,
-                "request.refused",
-                actor=who.name if who else "anonymous",
-                data={
-                    "method": request.method,
-                    "path": request.path,
-                    "status": status,
-                    "code": code,
-                    "message": message[:500],
-                },
-            )
+        with transaction(sessions) as s:
+            record_event(s, "request.refused", actor=who, data=data)
     except Exception:  # noqa: BLE001 - the refusal is answered even if it cannot be recorded
-        log.exception("could not record a refused %s %s", request.method, request.path)
+        log.exception("could not record a refused %s %s", data.get("method"), data.get("path"))
 
 
 def idempotent(
@@ -284,13 +294,15 @@ def idempotent(
 
 def parse_json(model: type[BaseModel]) -> Any:
     """Parse and validate a JSON body, or raise a 4xx that names the bad field."""
-    if request.content_length and request.content_length > services().config.max_body_bytes:
-        raise PayloadTooLargeError("the request body is too large")
+    config = services().config
+    if request.content_length and request.content_length > config.max_body_bytes:
+        raise PayloadTooLargeError(
+            "the request body is too large", {"limit_bytes": config.max_body_bytes}
+        )
     if not request.is_json:
         raise UnsupportedMediaTypeError("send the body as JSON (Content-Type: application/json)")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise InvalidError("the body is not valid JSON", code="invalid_json")
+    # However it arrives (chunked too): at most the limit is read, nesting is bounded.
+    data = load_json(request.stream, config.max_body_bytes, config.max_json_depth)
     # Strict JSON types, as the OpenAPI document says: `false` is not a number
     # and "5" is not an integer. (Query strings stay lax: everything there is text.)
     return validate(model, json.dumps(data), strict_json=True)

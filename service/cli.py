@@ -16,12 +16,37 @@ from service.config import Config
 
 
 def _config(data_dir: str | None, port: int | None) -> Config:
+    """The config of a server command, whose files only Retort's user may read."""
     overrides = {}
     if data_dir:
         overrides["data_dir"] = data_dir
     if port:
         overrides["port"] = port
-    return Config.from_env(**overrides)
+    _private_files()
+    config = Config.from_env(**overrides)
+    _make_private(config)
+    return config
+
+
+def _private_files() -> None:
+    """Every file a Retort process (and the processes it starts) creates: owner only.
+
+    The state database, its journals, the bundle cache, keys, checkpoints and
+    logs hold tenants' code and secrets (issue 16).
+    """
+    os.umask(0o077)
+
+
+def _make_private(config: Config) -> None:
+    """Tighten a data directory an older Retort (or a wider umask) left readable."""
+    data_dir = config.data_dir
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (data_dir, *data_dir.iterdir()):
+        try:
+            if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+                path.chmod(0o700 if path.is_dir() else 0o600)
+        except OSError:
+            pass  # gone meanwhile, or not ours: left as it is
 
 
 def _make_target_root(config: Config) -> None:
@@ -71,9 +96,8 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
         if config.embedded_broker:
             procs.append(start_embedded_redis(config.data_dir))
         procs.append(subprocess.Popen(api_command(config), env=env))
-        procs.append(
-            subprocess.Popen(worker_command(config, workers) + beat_options(config), env=env)
-        )
+        procs.append(subprocess.Popen(worker_command(config, workers), env=env))
+        procs.append(subprocess.Popen(sweeper_command(), env=env))
         procs.append(subprocess.Popen(webhooks_command(config, 4), env=env))
         token_where = (
             "RETORT_ADMIN_TOKEN"
@@ -121,15 +145,16 @@ def secrets_rotate() -> None:
     config = _config(None, None)
     engine = make_engine(config.database_url)
     try:
-        with transaction(make_sessionmaker(engine)) as s:
+        with transaction(make_sessionmaker(engine, config.audit_keys)) as s:
             counts = rotate_secrets(s, SecretBox(config.secret_keys), "operator")
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         engine.dispose()
     click.echo(
-        f"re-encrypted {counts['databases']} database URLs and {counts['webhooks']} "
-        "webhook secrets with the first key"
+        f"re-encrypted {counts['databases']} database URLs, {counts['webhooks']} "
+        f"webhook secrets and {counts['project_secrets']} project secret variables "
+        "with the first key"
     )
 
 
@@ -176,27 +201,17 @@ def webhooks(concurrency: int, name: str) -> None:
 
 @main.command()
 def beat() -> None:
-    """Run the scheduler of the job sweeper (production; one or more, it is idempotent)."""
-    config = _config(None, None)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "beat",
-        "--loglevel",
-        "INFO",
-        "--schedule",
-        str(config.data_dir / "celerybeat-schedule"),
-    ]
-    os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
+    """Run the job sweeper (production; one or more, each sweep is idempotent).
+
+    It sweeps in its own process every RETORT_SWEEP_INTERVAL_S, never through
+    the jobs' queue, so a full queue of migrations never delays a recovery.
+    """
+    cmd = sweeper_command()
+    os.execvpe(cmd[0], cmd, {**os.environ, **_config(None, None).as_env()})
 
 
-def beat_options(config: Config) -> list[str]:
-    """Embed the sweeper's scheduler in the embedded default's one worker."""
-    return ["--beat", "--schedule", str(config.data_dir / "celerybeat-schedule")]
+def sweeper_command() -> list[str]:
+    return [sys.executable, "-m", "worker.sweep"]
 
 
 def api_command(config: Config) -> list[str]:
@@ -327,9 +342,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+from service.audit_cli import register as register_audit  # noqa: E402
 from service.client_cli import register  # noqa: E402
 
 register(main)
+register_audit(main)
 
 if __name__ == "__main__":
     main()

@@ -330,18 +330,54 @@ class RetortClient:
         """GET a JSON document; None-valued query parameters are left out."""
         return self.request("GET", path, query=query).body
 
+    def download(self, path: str, out: Any, timeout: float = 60) -> int:
+        """GET a body that is not one JSON document (JSON lines) into `out`; return its bytes."""
+        req = self._build("GET", path, headers={"Accept": "application/jsonl"})
+        try:
+            with self.opener.open(req, timeout=timeout) as resp:
+                size = 0
+                while chunk := resp.read(64 * 1024):
+                    out.write(chunk)
+                    size += len(chunk)
+                return size
+        except urllib.error.HTTPError:
+            pass
+        except urllib.error.URLError as exc:
+            raise Unreachable(f"cannot reach Retort at {self.base}: {exc.reason}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"cannot reach Retort at {self.base}: {exc}") from None
+        self._send(req, timeout)  # the error again, as Retort's error document
+        raise Unreachable(f"{req.full_url} failed and then did not")
+
     # ------------------------------------------------------------ the API
 
-    def push(self, project: str, tar_gz: bytes) -> tuple[dict[str, Any], bool]:
-        """Upload a bundle; return (bundle, True if this upload made it)."""
+    def push(
+        self,
+        project: str,
+        tar_gz: bytes,
+        versions_path: str | None = None,
+        python_path: list[str] | tuple[str, ...] = (),
+    ) -> tuple[dict[str, Any], bool]:
+        """Upload a bundle; return (bundle, True if this upload made it).
+
+        `versions_path` and `python_path` give the bundle's shape (docs/bundles.md).
+        """
         # The key is the content's, qualified by the project: the server keeps one
-        # request per key, so the same scripts pushed to two projects need two keys.
-        key = hashlib.sha256(project.encode() + b"\n" + tar_gz).hexdigest()
+        # request per key, so the same scripts pushed to two projects need two keys
+        # (and the same archive in another shape is another bundle).
+        shape = b""
+        if versions_path is not None or python_path:
+            shape = b"\n" + json.dumps([versions_path, list(python_path)]).encode()
+        key = hashlib.sha256(project.encode() + shape + b"\n" + tar_gz).hexdigest()
+        query = {"versions_path": versions_path}
+        if python_path:
+            query["python_path"] = ",".join(python_path)
         reply = self.request(
             "POST",
             f"/v1/projects/{segment(project)}/bundles",
             data=tar_gz,
             content_type="application/gzip",
+            query=query,
             headers={"Idempotency-Key": key},
             timeout=120,
         )
@@ -507,10 +543,109 @@ def pack_scripts(directory: Path) -> bytes:
     return buf.getvalue()
 
 
-def _walk(root: Path) -> Iterator[str]:
+@dataclass
+class Checkout:
+    """A repository checkout packed in its own shape: the versions folder and the helper
+    folders its revisions import from, bundle-relative; what Retort will not use, scanned."""
+
+    tar_gz: bytes
+    versions_path: str
+    python_path: list[str]
+    files: list[str]  # what was packed
+    scanned: dict[str, bytes]  # env.py and alembic.ini: read for notices, never uploaded
+
+
+# Never packed from a checkout: Retort does not read them, and alembic.ini's
+# sqlalchemy.url often carries a password.
+_NOT_PACKED = frozenset({"alembic.ini"})
+_SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
+
+
+def pack_checkout(
+    directory: Path,
+    versions: str,
+    python_path: list[str] | tuple[str, ...] = (),
+    requirements: Path | None = None,
+) -> Checkout:
+    """Pack a checkout as Retort runs it: `versions` (the folder of revision scripts) and
+    each `python_path` folder (put on the runner's import path), all relative to
+    `directory`, plus `requirements` as the bundle's requirements.txt; nothing else.
+
+    Not packed: alembic.ini, the env.py beside `versions` (both scanned for notices),
+    dotfiles and dot-folders (.git), caches, virtual environments. Deterministic, as
+    pack_scripts.
+    """
+    directory = Path(directory)
+    versions_path = _inside(directory, versions, "--versions")
+    if not any(p.is_file() for p in (directory / versions_path).glob("*.py")):
+        raise PackError(f"{directory / versions_path}: no .py revision scripts in it (--versions)")
+    folders: list[str] = []
+    for entry in python_path:
+        folder = _inside(directory, entry, "--python-path") or "."
+        if folder not in folders:
+            folders.append(folder)
+    env_py = (versions_path.rpartition("/")[0] + "/env.py").lstrip("/")
+    scanned: dict[str, bytes] = {}
+    if (directory / env_py).is_file():
+        scanned[env_py] = (directory / env_py).read_bytes()
+    # alembic.ini: in the checkout's root, or in a folder on the way to versions/.
+    parts = versions_path.split("/")
+    for depth in range(len(parts)):
+        ini = "/".join([*parts[:depth], "alembic.ini"])
+        if (directory / ini).is_file():
+            scanned[ini] = (directory / ini).read_bytes()
+    packed: dict[str, bytes] = {}
+    for folder in [versions_path, *folders]:
+        base = "" if folder == "." else folder
+        for rel in _walk(directory / base, skip_venvs=True):
+            path = f"{base}/{rel}" if base else rel
+            if path in scanned or Path(path).name in _NOT_PACKED:
+                continue
+            packed[path] = (directory / path).read_bytes()
+    if requirements is not None:
+        packed["requirements.txt"] = Path(requirements).read_bytes()
+    return Checkout(_tar_gz(packed), versions_path, folders, sorted(packed), scanned)
+
+
+def _inside(directory: Path, given: str, option: str) -> str:
+    """A folder of the checkout as a bundle-relative path ("" for the checkout itself)."""
+    path = Path(given)
+    full = path if path.is_absolute() else directory / path
+    try:
+        rel = full.resolve().relative_to(directory.resolve())
+    except ValueError:
+        raise PackError(f"{option} {given}: not inside {directory}") from None
+    if not full.is_dir():
+        raise PackError(f"{option} {given}: no such folder in {directory}")
+    return "" if str(rel) == "." else rel.as_posix()
+
+
+def _tar_gz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(files):
+                data = files[name]
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 0
+                info.mode = 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _walk(root: Path, skip_venvs: bool = False) -> Iterator[str]:
     """Yield the relative paths of the files to pack: no caches, no dotfiles."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        if skip_venvs:  # a checkout's virtual environments and node_modules stay home
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if d not in _SKIPPED_DIRS and not (Path(dirpath) / d / "pyvenv.cfg").exists()
+            ]
         for name in filenames:
             path = Path(dirpath) / name
             if name.startswith(".") or name.endswith((".pyc", ".pyo")) or not path.is_file():

@@ -21,9 +21,9 @@ from typing import Any
 
 import click
 
+from service.bundles.notices import scan as scan_notices
 from service.client import (
     DEFAULT_URL,
-    EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
@@ -39,6 +39,7 @@ from service.client import (
     check_idempotency_key,
     default_token,
     job_exit_code,
+    pack_checkout,
     pack_scripts,
     segment,
 )
@@ -143,13 +144,44 @@ def register(main: click.Group) -> None:
     @api_command(main, "push")
     @click.argument("project")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-    def push(cli: Cli, project: str, directory: Path) -> int:
+    @click.option(
+        "--versions",
+        "versions",
+        metavar="PATH",
+        help="The folder of revision scripts inside DIRECTORY (a checkout): pack it in "
+        "the checkout's shape, with the --python-path folders and nothing else.",
+    )
+    @click.option(
+        "--python-path",
+        "python_path",
+        metavar="FOLDER",
+        multiple=True,
+        help="A folder of DIRECTORY the revisions import from (a models package's parent), "
+        "put on the runner's import path; repeat it or separate with commas. Needs --versions.",
+    )
+    @click.option(
+        "--requirements",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A requirements file packed as the bundle's requirements.txt (with --versions).",
+    )
+    def push(
+        cli: Cli,
+        project: str,
+        directory: Path,
+        versions: str | None,
+        python_path: tuple[str, ...],
+        requirements: Path | None,
+    ) -> int:
         """Upload Alembic scripts as a bundle of PROJECT.
 
         DIRECTORY is an Alembic directory (env.py and versions/) or a versions
-        directory. Pushing the same scripts again changes nothing.
+        directory; with --versions, a checkout packed in its own shape (the
+        versions folder and the --python-path folders only: never alembic.ini,
+        env.py or .git). Retort does not run env.py: the notices printed say
+        which project settings stand in for it. Pushing the same scripts again
+        changes nothing.
         """
-        bundle = _push(cli, project, directory)
+        bundle = _push(cli, project, directory, versions, python_path, requirements)
         if cli.as_json:
             cli.document(bundle)
         return EXIT_OK
@@ -337,25 +369,6 @@ def register(main: click.Group) -> None:
         return EXIT_OK
 
     @main.group()
-    def audit() -> None:
-        """The hash-chained audit log."""
-
-    @api_command(audit, "verify")
-    def audit_verify(cli: Cli) -> int:
-        """Recompute the audit log's hash chain; exit 1 if an event was altered."""
-        result = cli.api.get("/v1/audit/verify")
-        if cli.as_json:
-            cli.document(result)
-        elif result["ok"]:
-            click.echo(f"audit log intact: {result['events']} events")
-        else:
-            click.echo(
-                f"audit log BROKEN: event {result['first_bad']} does not match its hash chain "
-                f"({result['events']} events checked)"
-            )
-        return EXIT_OK if result["ok"] else EXIT_FAILED
-
-    @main.group()
     def token() -> None:
         """API tokens: a role (admin, deployer, viewer) over some projects. Needs an admin token."""
 
@@ -439,15 +452,52 @@ def _projects(token: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- pieces
 
 
-def _push(cli: Cli, project: str, directory: Path) -> dict[str, Any]:
-    """Pack and upload DIRECTORY; return the bundle with `created` added."""
-    bundle, created = cli.api.push(project, pack_scripts(directory))
+def _push(
+    cli: Cli,
+    project: str,
+    directory: Path,
+    versions: str | None = None,
+    python_path: tuple[str, ...] = (),
+    requirements: Path | None = None,
+) -> dict[str, Any]:
+    """Pack and upload DIRECTORY; return the bundle with `created` added.
+
+    Prints the bundle's notices (env.py is not run, settings env.py or alembic.ini set
+    that the project's differ from) on stderr; in the shape of a checkout (--versions)
+    env.py and alembic.ini are scanned here and not uploaded.
+    """
+    folders = [p.strip() for given in python_path for p in given.split(",") if p.strip()]
+    if folders and versions is None:
+        raise click.UsageError("--python-path goes with --versions (the checkout's shape)")
+    if requirements is not None and versions is None:
+        raise click.UsageError("--requirements goes with --versions")
+    local: list[dict[str, Any]] = []
+    if versions is None:
+        bundle, created = cli.api.push(project, pack_scripts(directory))
+    else:
+        checkout = pack_checkout(directory, versions, folders, requirements)
+        bundle, created = cli.api.push(
+            project, checkout.tar_gz, checkout.versions_path, checkout.python_path
+        )
+        if checkout.scanned:
+            settings = cli.api.get(f"/v1/projects/{segment(project)}").get("settings") or {}
+            local = scan_notices(
+                checkout.scanned,
+                checkout.versions_path,
+                settings,
+                checkout.python_path,
+                env_py_fate="not uploaded: `retort push --versions` leaves it out",
+            )
     heads = ", ".join(bundle.get("heads") or []) or "none"
     cli.echo(
         f"bundle {bundle['id'][:12]} ({'new' if created else 'unchanged'}), "
         f"{len(bundle.get('revisions') or [])} revisions, heads: {heads}"
     )
-    return {**bundle, "created": created}
+    notices = local + [n for n in bundle.get("notices") or [] if n not in local]
+    for item in notices:
+        label = "warning" if item.get("level") == "warning" else "notice"
+        click.echo(f"{label}: {item.get('message')}", err=True)
+    return {**bundle, "notices": notices, "created": created}
 
 
 def _wait(cli: Cli, job_id: int, timeout: float | None) -> int:

@@ -127,8 +127,13 @@ def _check_on_checkout(engine: Engine, ping_idle_after_s: float) -> None:
             raise DisconnectionError("the state database ended this connection")
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+# Session.info key: the audit chain's HMAC keys (service.audit.ops appends with them).
+AUDIT_KEYS = "retort.audit_keys"
+
+
+def make_sessionmaker(engine: Engine, audit_keys: tuple[str, ...] = ()) -> sessionmaker[Session]:
+    """Sessions of one engine; `audit_keys` (Config.audit_keys) for those that record events."""
+    return sessionmaker(engine, expire_on_commit=False, info={AUDIT_KEYS: tuple(audit_keys)})
 
 
 @contextmanager

@@ -65,3 +65,29 @@ class UnsupportedMediaTypeError(ServiceError):
 
 class BundleError(InvalidError):
     code = "invalid_bundle"
+
+
+class JsonTooDeepError(InvalidError):
+    code = "json_too_deep"
+
+
+class BodyTimeoutError(ServiceError):
+    """The client did not send its whole body within RETORT_BODY_TIMEOUT_S."""
+
+    status = 408
+    code = "body_timeout"
+
+
+class TooManyRequestsError(ServiceError):
+    """This token (or source address) holds as many requests of this API process as it may."""
+
+    status = 429
+    code = "too_many_requests"
+    headers = {"Retry-After": "1"}
+
+
+class TooManyStreamsError(TooManyRequestsError):
+    """This token holds as many long polls and event streams of this API process as it may."""
+
+    code = "too_many_streams"
+    headers = {"Retry-After": "2"}

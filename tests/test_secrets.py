@@ -24,7 +24,7 @@ def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
     state = f"sqlite:///{tmp_path / 'state.db'}"
     upgrade_schema(state)
     engine = make_engine(state)
-    sessions = make_sessionmaker(engine)
+    sessions = make_sessionmaker(engine, ("audit-key-of-this-test",))
     secret_url = "postgresql://app:Rotate-Me-7781@db.internal/app"
     with transaction(sessions) as s:
         project = create_project(s, ProjectCreate(name="p"), "admin")
@@ -40,6 +40,7 @@ def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
         RETORT_DATA_DIR=str(tmp_path),
         RETORT_SECRET_KEY=f"{new},{old}",
         RETORT_ADMIN_TOKEN="x",
+        RETORT_AUDIT_KEY="audit-key-of-this-test",
     )
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", "secrets", "rotate"],
@@ -48,7 +49,7 @@ def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert "1 database URLs and 1 webhook secrets" in out.stdout
+    assert "1 database URLs, 1 webhook secrets" in out.stdout
 
     only_new = SecretBox((new,))
     with transaction(sessions) as s:

@@ -28,6 +28,9 @@ class AuditEvent(Base):
     data: Mapped[dict] = mapped_column(default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # "<key id>:<HMAC-SHA256(audit key, hash)>": only a holder of the key can
+    # extend the chain. NULL before the chain's first `audit.rekeyed` event.
+    mac: Mapped[str | None] = mapped_column(String(80), default=None)
 
 
 class AuditHead(Base):
@@ -38,3 +41,22 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    # The key the chain is extended with now; another key first appends `audit.rekeyed`.
+    key_id: Mapped[str | None] = mapped_column(String(16), default=None)
+
+
+class AuditCheckpoint(Base):
+    """The chain's head at a moment, signed with Retort's Ed25519 key (the sweeper).
+
+    Copies go outside the database too (a file, the log, the chain itself), so
+    a truncated tail shows against the last checkpoint.
+    """
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger, index=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[str] = mapped_column(String(40))
+    public_key_id: Mapped[str] = mapped_column(String(16))
+    signature: Mapped[str] = mapped_column(String(128))

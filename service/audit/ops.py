@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
+import functools
 import json
 from typing import Any
 
@@ -11,34 +10,24 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from service.audit.models import AuditEvent, AuditHead
-from service.db import utcnow
-from service.webhooks.ops import enqueue_deliveries
-
-GENESIS = "0" * 64
-
-
-def _event_hash(fields: dict[str, Any]) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+from service.audit.chain import REKEYED, ChainCheck, Keyring, event_hash, hashed_fields
+from service.audit.models import AuditCheckpoint, AuditEvent, AuditHead
+from service.db import AUDIT_KEYS, utcnow
+from service.webhooks.enqueue import enqueue_deliveries
 
 
 def _hashed_fields(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:
-    get = event.get if isinstance(event, dict) else lambda name: getattr(event, name)
-    ts = get("ts")
-    ts = ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
-    return {
-        "seq": get("seq"),
-        "ts": ts.astimezone(dt.UTC).isoformat(timespec="microseconds"),
-        "actor": get("actor"),
-        "action": get("action"),
-        "project": get("project"),
-        "database": get("database"),
-        "job_id": get("job_id"),
-        "fencing_token": get("fencing_token"),
-        "data": get("data"),
-        "prev_hash": get("prev_hash"),
-    }
+    return hashed_fields(event.get if isinstance(event, dict) else lambda n: getattr(event, n))
+
+
+@functools.lru_cache(maxsize=8)
+def _keyring(keys: tuple[str, ...]) -> Keyring:
+    return Keyring(keys)
+
+
+def keyring_of(session: Session) -> Keyring:
+    """The audit keys this process was given (db.make_sessionmaker's audit_keys)."""
+    return _keyring(tuple(session.info.get(AUDIT_KEYS, ())))
 
 
 # session.info key: events recorded in this transaction, appended when it commits.
@@ -82,9 +71,14 @@ def record_event(
 _events = AuditEvent.__table__
 _head = AuditHead.__table__
 _BUMP = _head.update().where(_head.c.id == 1).values(seq=_head.c.seq + bindparam("n"))
-_BUMP_RETURNING = _BUMP.returning(_head.c.seq, _head.c.hash)
-_READ_HEAD = select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)
+_BUMP_RETURNING = _BUMP.returning(_head.c.seq, _head.c.hash, _head.c.key_id)
+_READ_HEAD = select(_head.c.seq, _head.c.hash, _head.c.key_id).where(_head.c.id == 1)
 _SET_HASH = _head.update().where(_head.c.id == 1).values(hash=bindparam("new_hash"))
+_SET_HASH_KEY = (
+    _head.update()
+    .where(_head.c.id == 1)
+    .values(hash=bindparam("new_hash"), key_id=bindparam("new_key_id"))
+)
 _INSERT_EVENTS = insert(_events)
 
 
@@ -98,21 +92,44 @@ def _append_pending(session: Session) -> None:
     pending = session.info.pop(PENDING, None)
     if not pending:
         return
+    keyring = keyring_of(session)
+    if not keyring:
+        raise RuntimeError("cannot extend the audit chain: this process has no audit key")
     n = len(pending)
     conn = session.connection()
     if conn.dialect.update_returning:
-        seq, prev_hash = conn.execute(_BUMP_RETURNING, {"n": n}).one()
+        seq, prev_hash, head_key = conn.execute(_BUMP_RETURNING, {"n": n}).one()
     else:
         conn.execute(_BUMP, {"n": n})
-        seq, prev_hash = conn.execute(_READ_HEAD).one()
+        seq, prev_hash, head_key = conn.execute(_READ_HEAD).one()
+    if head_key != keyring.current:
+        # A new chain, the first append since the chain was keyed, or a new
+        # first key (a rotation): say so in the chain, keyed with the new key.
+        conn.execute(_BUMP, {"n": 1})
+        seq += 1
+        n += 1
+        rekeyed = {
+            "actor": "system",
+            "action": REKEYED,
+            "project": None,
+            "database": None,
+            "job_id": None,
+            "fencing_token": None,
+            "data": {"key_id": keyring.current, "previous_key_id": head_key},
+        }
+        pending = [rekeyed, *pending]
     ts = utcnow()
     rows = []
     for i, fields in enumerate(pending):
         row = {**fields, "seq": seq - n + 1 + i, "ts": ts, "prev_hash": prev_hash}
-        row["hash"] = prev_hash = _event_hash(_hashed_fields(row))
+        row["hash"] = prev_hash = event_hash(_hashed_fields(row))
+        row["mac"] = keyring.mac(row["hash"])
         rows.append(row)
     conn.execute(_INSERT_EVENTS, rows)
-    conn.execute(_SET_HASH, {"new_hash": prev_hash})
+    if head_key != keyring.current:
+        conn.execute(_SET_HASH_KEY, {"new_hash": prev_hash, "new_key_id": keyring.current})
+    else:
+        conn.execute(_SET_HASH, {"new_hash": prev_hash})
     hooks: dict[str, list] = {}
     for row in rows:
         enqueue_deliveries(session, row["action"], row["project"], row["job_id"], hooks)
@@ -125,43 +142,48 @@ def _drop_pending(session: Session, transaction) -> None:
         session.info.pop(PENDING, None)
 
 
-def verify_chain(session: Session, batch: int = 5000) -> dict[str, Any]:
-    """Recompute every hash in order; report the first event that does not match."""
-    prev = GENESIS
-    count = 0
+def verify_chain(
+    session: Session,
+    batch: int = 5000,
+    public_keys: list | None = None,
+    outside_checkpoints: list[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """Recompute every hash and HMAC in order; report the first event that does not match.
+
+    Checkpoints come from the state database and from `outside_checkpoints`
+    (copies kept elsewhere: a truncated tail shows against them). With
+    `public_keys`, each checkpoint's signature is checked too.
+    """
+    check = ChainCheck(keyring_of(session))
     last_seq = 0
-    expected_seq = 1
     while True:
-        rows = (
-            session.execute(
-                select(AuditEvent)
-                .where(AuditEvent.seq > last_seq)
-                .order_by(AuditEvent.seq)
-                .limit(batch)
-            )
-            .scalars()
-            .all()
-        )
+        rows = session.execute(
+            select(_events).where(_events.c.seq > last_seq).order_by(_events.c.seq).limit(batch)
+        ).all()
         if not rows:
             break
-        for event in rows:
-            count += 1
-            ok = (
-                event.seq == expected_seq
-                and event.prev_hash == prev
-                and event.hash == _event_hash(_hashed_fields(event))
-            )
-            if not ok:
-                return {"ok": False, "events": count, "first_bad": event.seq}
-            prev = event.hash
-            expected_seq += 1
-            last_seq = event.seq
-        session.expunge_all()
+        for row in rows:
+            if not check.feed(dict(row._mapping)):
+                return check.result()
+            last_seq = row.seq
     head = session.get(AuditHead, 1)
-    if head is not None and (head.seq != last_seq or head.hash != prev):
-        # Events were removed from the end of the chain.
-        return {"ok": False, "events": count, "first_bad": last_seq + 1}
-    return {"ok": True, "events": count, "first_bad": None}
+    checkpoints = [export_checkpoint(c) for c in session.scalars(select(AuditCheckpoint))]
+    return check.result(
+        [*checkpoints, *outside_checkpoints],
+        public_keys,
+        head=(head.seq, head.hash) if head is not None else None,
+    )
+
+
+def export_checkpoint(cp: AuditCheckpoint) -> dict[str, Any]:
+    return {
+        "type": "checkpoint",
+        "seq": cp.seq,
+        "hash": cp.hash,
+        "ts": cp.ts,
+        "public_key_id": cp.public_key_id,
+        "signature": cp.signature,
+    }
 
 
 def list_events(
@@ -198,4 +220,5 @@ def list_events(
 def serialize_event(event: AuditEvent) -> dict[str, Any]:
     out = _hashed_fields(event)
     out["hash"] = event.hash
+    out["mac"] = event.mac
     return out

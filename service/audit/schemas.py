@@ -29,6 +29,7 @@ class AuditEventOut(Out):
     data: dict[str, Any]
     prev_hash: str
     hash: str
+    mac: str | None = Field(description="<key id>:<HMAC-SHA256 of hash>; none before audit.rekeyed")
 
 
 class AuditPage(Out):
@@ -40,3 +41,9 @@ class AuditVerifyOut(Out):
     ok: bool
     events: int
     first_bad: int | None
+    reason: str | None = None
+    checkpoints: int = Field(0, description="signed checkpoints the chain was checked against")
+    last_checkpoint: int | None = None
+    signatures: str = Field(
+        "unchecked", description="checked: with the public key beside the signing key"
+    )

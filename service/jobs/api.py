@@ -19,9 +19,9 @@ from service.app import (
 from service.db import autocommit, transaction
 from service.errors import ServiceError
 from service.jobs.cache import CachedJob
+from service.jobs.cancel import cancel_job
 from service.jobs.models import FINAL_STATES
 from service.jobs.ops import (
-    cancel_job,
     check_visible,
     create_job,
     job_etag,
@@ -40,6 +40,7 @@ from service.jobs.schemas import (
     JobShow,
 )
 from service.jobs.watch import TooManyWaitersError
+from service.limits import hold_stream
 from service.openapi import operation
 from service.principal import Principal
 
@@ -131,6 +132,7 @@ def show_job(job_id: int):
     wait = min(params.wait, svc.config.max_wait_s)
     seen = request.headers.get("If-None-Match") or etag
     if wait > 0 and out["state"] not in FINAL_STATES and seen == etag:
+        release_slot = hold_stream()  # 429 past this token's share of the waiting slots
         deadline = time.monotonic() + wait
         try:
             while svc.watcher.wait(job_id, seen, deadline - time.monotonic(), since=mark):
@@ -141,6 +143,8 @@ def show_job(job_id: int):
                     break
         except TooManyWaitersError:
             headers["Retry-After"] = str(RETRY_AFTER_S)
+        finally:
+            release_slot()
     return out, 200, headers
 
 
@@ -166,9 +170,11 @@ def job_events(job_id: int):
     svc = services()
     mark = svc.watcher.mark()
     first = _read_job(svc, job_id, principal())  # 404 before the stream starts
+    release_slot = hold_stream()  # 429 past this token's share of the waiting slots
     try:
         svc.watcher.reserve()
     except TooManyWaitersError:
+        release_slot()
         raise TooManyWaitersServiceError(
             "this API process holds as many waiting requests as it may; retry shortly",
             {"retry_after_s": RETRY_AFTER_S},
@@ -178,6 +184,7 @@ def job_events(job_id: int):
     def release() -> None:
         if released.acquire(blocking=False):
             svc.watcher.release()
+            release_slot()
 
     def stream():
         job, sent_steps, sent_state, since = first, 0, None, mark

@@ -5,7 +5,9 @@ from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
 from service.openapi import operation
 from service.projects.ops import get_project
+from service.webhooks import network
 from service.webhooks.ops import (
+    check_webhook_url,
     create_webhook,
     delete_webhook,
     get_webhook,
@@ -25,6 +27,12 @@ from service.webhooks.schemas import (
 bp = Blueprint("webhooks", __name__)
 
 
+@bp.record_once
+def _check_allow_networks(state) -> None:
+    """A bad RETORT_WEBHOOK_ALLOW_NETWORKS stops the API at start, saying which CIDR."""
+    network.parse_networks(state.app.extensions["retort"].config.webhook_allow_networks)
+
+
 @bp.post("/projects/<name>/webhooks")
 @operation(
     "Subscribe a URL to a project's job events",
@@ -35,6 +43,10 @@ bp = Blueprint("webhooks", __name__)
 def post_webhook(name: str):
     require("deployer")
     body = parse_json(WebhookCreate)
+    with transaction(services().sessions) as s:
+        get_project(s, name, principal())  # a 404 before anything is resolved
+    # Resolving the host may take the webhook timeout: not inside a state transaction.
+    check_webhook_url(body.url, services().config)
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())
         hook, secret = create_webhook(s, project, body, services().box, actor())

@@ -12,9 +12,9 @@ import datetime as dt
 import json
 import logging
 import random
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.request
 from typing import Any
 
@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Config
 from service.crypto import SecretBox
 from service.db import transaction, utcnow
+from service.webhooks import network
 from service.webhooks.models import Webhook, WebhookDelivery
 from service.webhooks.ops import sign
 
@@ -31,42 +32,64 @@ log = logging.getLogger("retort.webhooks")
 USER_AGENT = "Retort-Webhooks/1"
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an answer, not an instruction: it counts as a failed attempt."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect)
-
-
-def _post(request: urllib.request.Request, timeout: float) -> tuple[int | None, str | None]:
+def _post(
+    request: urllib.request.Request,
+    timeout: float,
+    allow: tuple[network.IPNetwork, ...],
+    resolver: network.Resolver | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int | None, str | None]:
     """POST with one deadline for the whole exchange; return (status, error).
 
-    urllib's timeout bounds each socket operation, not the request: a receiver
-    that trickles a byte at a time, or a slow DNS lookup, could hold on for
-    minutes. The exchange runs in a daemon thread that is abandoned at the deadline.
+    The URL's host is resolved and checked here, at every attempt, and the
+    request goes to the checked addresses only (webhooks.network). urllib's
+    timeout bounds each socket operation, not the request: a receiver that
+    trickles a byte at a time, or a slow DNS lookup, could hold on for minutes.
+    The exchange runs in a daemon thread that is abandoned at the deadline.
+    `error` names the class of failure, never bytes the receiver sent.
     """
     outcome: dict[str, Any] = {"status": None, "error": None}
 
     def run() -> None:
         try:
-            with _opener.open(request, timeout=timeout) as resp:
-                status = resp.status
-            outcome.update(status=status, error=None)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            outcome.update(status=exc.code, error=None)
+            outcome["status"] = network.send(request, allow, timeout, resolver, context)
         except Exception as exc:  # noqa: BLE001 - any network failure is a failed attempt
-            outcome["error"] = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"[:500]
+            outcome["error"] = network.describe(exc)
 
     sender = threading.Thread(target=run, name="webhook-post", daemon=True)
     sender.start()
     sender.join(timeout)
     if sender.is_alive():
-        return None, f"no answer within {timeout:g} s"
+        return None, f"timeout: no answer within {timeout:g} s"
     return outcome["status"], outcome["error"]
+
+
+def _signed_request(
+    url: str, secret: str, event: str, body: bytes, uid: str | None = None
+) -> urllib.request.Request:
+    """A POST of `body` signed with `secret` (Retort-Signature over the timestamp and body)."""
+    timestamp = int(time.time())
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "Retort-Event": event,
+        "Retort-Timestamp": str(timestamp),
+        "Retort-Signature": sign(secret, timestamp, body),
+    }
+    if uid is not None:
+        headers["Retort-Delivery"] = uid
+    return urllib.request.Request(url, data=body, method="POST", headers=headers)
+
+
+def post_signed(config: Config, url: str, secret: str, event: str, payload: Any) -> str | None:
+    """POST one signed event outside the delivery table (no retries); None or the error."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    request = _signed_request(url, secret, event, body)
+    allow = network.parse_networks(config.webhook_allow_networks)
+    status, error = _post(request, config.webhook_timeout_s, allow)
+    if status is not None and not 200 <= status < 300:
+        return f"http_status {status}"
+    return error
 
 
 def backoff_s(config: Config, attempts: int) -> float:
@@ -79,29 +102,17 @@ def attempt_delivery(
     config: Config, sessions: sessionmaker[Session], box: SecretBox, delivery_id: int
 ) -> float | None:
     """Make one attempt; return the seconds until the next one, or None when done."""
+    allow = network.parse_networks(config.webhook_allow_networks)  # a bad CIDR claims nothing
     claimed = _claim(config, sessions, box, delivery_id)
     if claimed is None:
         return None
     attempt, url, secret, body, event, uid = claimed
-    timestamp = int(time.time())
-    request = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            "Retort-Event": event,
-            "Retort-Delivery": uid,
-            "Retort-Timestamp": str(timestamp),
-            "Retort-Signature": sign(secret, timestamp, body),
-        },
-    )
+    request = _signed_request(url, secret, event, body, uid)
     started = time.monotonic()
-    status, error = _post(request, config.webhook_timeout_s)
+    status, error = _post(request, config.webhook_timeout_s, allow)
     ok = status is not None and 200 <= status < 300
     if status is not None and not ok:
-        error = f"HTTP {status}"
+        error = f"http_status {status}"
     return _record(
         config,
         sessions,

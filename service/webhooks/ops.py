@@ -5,31 +5,30 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.audit import ops as audit
+from service.config import Config
 from service.crypto import SecretBox
 from service.db import iso
 from service.errors import InvalidError, NotFoundError
 from service.projects.models import Project
+from service.webhooks import network
+from service.webhooks.enqueue import OUTBOX  # noqa: F401 - where it used to live
 from service.webhooks.models import Webhook, WebhookDelivery
-from service.webhooks.schemas import EVENTS, WebhookCreate
+from service.webhooks.schemas import WebhookCreate
 
 # session.info key: deliveries written in this transaction, sent after it commits.
-OUTBOX = "retort.webhook_deliveries"
 
 
-def create_webhook(
-    session: Session, project: Project, body: WebhookCreate, box: SecretBox, actor: str
-) -> tuple[Webhook, str]:
-    """Subscribe a URL to a project's job events; return the webhook and its secret."""
+def _split_url(url: str):
+    """The URL's parts, once it is an absolute http(s) URL without credentials."""
     try:
-        parts = urlsplit(body.url)
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a port that is not a number
     except ValueError:
         parts = None
@@ -37,17 +36,50 @@ def create_webhook(
         parts is None
         or parts.scheme not in ("http", "https")
         or not parts.hostname
-        or any(ch.isspace() or ord(ch) < 32 for ch in body.url)
+        or any(ch.isspace() or ord(ch) < 32 for ch in url)
     ):
         raise InvalidError(
             "url must be an absolute http:// or https:// URL",
             {"field": "url"},
         )
-    if parts.username or parts.password:
+    if parts.username is not None or parts.password is not None:
         raise InvalidError(
             "url must not carry credentials; verify deliveries with the signing secret",
             {"field": "url"},
         )
+    return parts
+
+
+def check_webhook_url(url: str, config: Config) -> None:
+    """Refuse a URL whose host resolves to an address webhooks may not reach (422).
+
+    Every address the resolver answers is judged (webhooks.network); a host
+    that does not resolve (yet) passes: each delivery resolves and checks again.
+    Call it outside a state transaction, the lookup may take the webhook timeout.
+    """
+    _split_url(url)
+    allow = network.parse_networks(config.webhook_allow_networks)
+    try:
+        network.checked_within(url, allow, config.webhook_timeout_s)
+    except network.Refused as exc:
+        why = f"resolves to {exc.address}, which is {exc.reason}" if exc.address else exc.message
+        raise InvalidError(
+            f"url {why}: webhooks reach public addresses only, unless {network.SETTING} "
+            "opens the network",
+            {"field": "url", "address": exc.address, "reason": exc.reason},
+            code="webhook_url_not_allowed",
+        ) from None
+
+
+def create_webhook(
+    session: Session, project: Project, body: WebhookCreate, box: SecretBox, actor: str
+) -> tuple[Webhook, str]:
+    """Subscribe a URL to a project's job events; return the webhook and its secret.
+
+    The API checks the URL's addresses first (check_webhook_url), outside this
+    transaction; every delivery checks them again.
+    """
+    parts = _split_url(body.url)
     secret = body.secret or "whsec_" + secrets.token_urlsafe(32)
     hook = Webhook(
         project_id=project.id,
@@ -107,54 +139,6 @@ def list_deliveries(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, rows[-1].id if more else None
-
-
-# Looked up in every transaction that reports a job's start or end: a Core
-# statement built once, the (id, events) rows only.
-_hooks = Webhook.__table__
-_ACTIVE_HOOKS = (
-    select(_hooks.c.id, _hooks.c.events)
-    .join(Project.__table__, Project.id == _hooks.c.project_id)
-    .where(Project.name == bindparam("p_project"), _hooks.c.active.is_(True))
-)
-
-
-def enqueue_deliveries(
-    session: Session,
-    event: str,
-    project: str | None,
-    job_id: int | None,
-    known: dict[str, list] | None = None,
-):
-    """Write one delivery per subscribed webhook, in the caller's transaction (an outbox).
-
-    Called for every audit event: the delivery commits or rolls back with the
-    event it reports, and is sent after the commit (see webhooks.outbox).
-    `known` keeps each project's active webhooks across the events of one commit.
-    """
-    if event not in EVENTS or project is None or job_id is None:
-        return
-    known = {} if known is None else known
-    if project not in known:
-        known[project] = list(session.connection().execute(_ACTIVE_HOOKS, {"p_project": project}))
-    hooks = [h for h in known[project] if event in h.events]
-    if not hooks:
-        return
-    from service.jobs.ops import read_job  # jobs.ops imports audit, which calls us
-
-    job_doc = read_job(session, job_id, with_steps=False)
-    for hook in hooks:
-        uid = str(uuid.uuid4())
-        delivery = WebhookDelivery(
-            webhook_id=hook.id,
-            uid=uid,
-            event=event,
-            job_id=job_id,
-            payload={"id": uid, "event": event, "job": job_doc},
-        )
-        session.add(delivery)
-        session.flush()
-        session.info.setdefault(OUTBOX, []).append(delivery.id)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

@@ -2,7 +2,7 @@
 
 Audit events are recorded in many processes: the API, Celery pool processes
 and the per-job children they fork. Each of those sessions may write webhook
-deliveries (webhooks.ops.enqueue_deliveries). After the commit, the ids go to
+deliveries (webhooks.enqueue.enqueue_deliveries). After the commit, the ids go to
 the broker; if sending fails, or the process dies first, the sweeper finds the
 deliveries still pending and sends them.
 """
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Config
 from service.queue import Dispatcher
-from service.webhooks.ops import OUTBOX
+from service.webhooks.enqueue import OUTBOX
 
 log = logging.getLogger("retort.webhooks")
 

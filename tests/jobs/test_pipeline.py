@@ -6,7 +6,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.helpers import chain_bundle, make_tar, register_db, revision, setup_project
+from tests.helpers import chain_bundle, make_tar, register_db, revision, setup_project, unique
 
 
 def _slow(seconds: float, rev: str = "s", down=None) -> str:
@@ -42,17 +42,28 @@ def test_wait_holds_the_request_until_the_job_changes(prod, new_db):
 
 
 def test_fifty_waiters_do_not_block_a_status_read(retort, new_db):
+    """Fifty pipelines, ten tokens (one token may hold only a few long polls: issue 16)."""
     c = retort.client
     project, _ = setup_project(c, {"versions/s.py": _slow(12)})
     db = register_db(c, project, new_db("sqlite"))
+    tokens = []
+    for i in range(10):
+        body = {"name": unique(f"pipeline{i}"), "role": "viewer", "projects": [project]}
+        r = c.post("/v1/tokens", body)
+        assert r.status == 201, r
+        tokens.append(r.body["token"])
     job = c.post("/v1/jobs", {"database": db}).body
     running = c.wait_state(job["id"], "running")
     etag = c.get(f"/v1/jobs/{job['id']}").headers["ETag"]
     assert running["state"] == "running"
 
-    def long_poll(_):
+    def long_poll(i):
         started = time.monotonic()
-        r = c.get(f"/v1/jobs/{job['id']}?wait=30", headers={"If-None-Match": etag})
+        r = c.get(
+            f"/v1/jobs/{job['id']}?wait=30",
+            headers={"If-None-Match": etag},
+            token=tokens[i % len(tokens)],
+        )
         return r.status, time.monotonic() - started
 
     with ThreadPoolExecutor(50) as pool:

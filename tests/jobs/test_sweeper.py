@@ -11,7 +11,8 @@ from tests.helpers import chain_bundle, register_db, setup_project
 
 
 def _sessions(server):
-    return make_sessionmaker(make_engine(server.state_url, pooled=False))
+    keys = tuple(server.env["RETORT_AUDIT_KEY"].split(","))
+    return make_sessionmaker(make_engine(server.state_url, pooled=False), keys)
 
 
 def test_queued_job_whose_message_was_lost_still_runs(retort, new_db):
