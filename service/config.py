@@ -19,6 +19,9 @@ class Config:
     data_dir: Path
     admin_token: str
     secret_keys: tuple[str, ...]
+    # HMAC keys of the audit chain (RETORT_AUDIT_KEY, comma-separated: the first
+    # extends the chain, every one verifies), kept outside the state database.
+    audit_keys: tuple[str, ...] = ()
     port: int = 8080
     host: str = "127.0.0.1"
     # The broker queue jobs go to (several Retorts may share one Redis).
@@ -67,6 +70,17 @@ class Config:
     # A job's wall-clock limit unless its project sets max_duration_s: past
     # it the job fails with `timeout`, its step rolled back, the lease freed.
     job_max_duration_s: float = 3600.0
+    # Projects' environments (docs/environments.md): where pip finds packages
+    # (empty: pip's own default, PyPI), a folder of wheels (pip --find-links),
+    # no index at all (only that folder), how long a build may take and how
+    # many environments one machine keeps.
+    env_index_url: str = ""
+    env_extra_index_url: str = ""
+    env_trusted_host: str = ""
+    env_find_links: str = ""
+    env_no_index: bool = False
+    env_build_timeout_s: float = 900.0
+    env_cache_max: int = 16
     max_bundle_bytes: int = 16 * 1024 * 1024
     max_bundle_expanded_bytes: int = 64 * 1024 * 1024
     max_bundle_files: int = 2000
@@ -92,6 +106,26 @@ class Config:
     webhook_backoff_s: float = 2.0
     webhook_backoff_max_s: float = 600.0
     webhook_timeout_s: float = 5.0
+    # Networks webhook URLs may reach although they are not public (loopback,
+    # private, link-local...): comma-separated CIDRs, e.g. "127.0.0.0/8,::1/128".
+    # Empty: public addresses only.
+    webhook_allow_networks: str = ""
+    # Request handling (issue 16): JSON nesting depth, the time a client has to
+    # send its whole body, and per token per API process the long polls and
+    # event streams it may hold and the requests it may have in flight.
+    max_json_depth: int = 32
+    body_timeout_s: float = 10.0
+    max_streams_per_token: int = 8
+    max_requests_per_token: int = 32
+    # Unauthenticated refusals: at most one audit event per source per window.
+    refusal_audit_window_s: float = 60.0
+    # The audit chain's signed checkpoints (the sweeper writes them this often).
+    audit_checkpoint_interval_s: float = 60.0
+    audit_signing_key_file: str = ""
+    # Each checkpoint is also POSTed here (signed like webhooks, with this secret):
+    # a copy outside Retort's machines, for the operator's own receiver.
+    audit_checkpoint_webhook_url: str = ""
+    audit_checkpoint_webhook_secret: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Config:
@@ -109,6 +143,9 @@ class Config:
         keys = env.get("RETORT_SECRET_KEY") or _file_secret(
             data_dir / "secret-key", lambda: Fernet.generate_key().decode()
         )
+        audit = env.get("RETORT_AUDIT_KEY") or _file_secret(
+            data_dir / "audit-key", lambda: secrets.token_hex(32)
+        )
         fields = {f.name for f in dataclasses.fields(cls)}
         extra = {}
         for name in fields:
@@ -119,11 +156,15 @@ class Config:
                 "data_dir",
                 "admin_token",
                 "secret_keys",
+                "audit_keys",
                 "port",
                 "sqlite_roots",
             }:
                 typ = type(getattr(cls, name))
-                extra[name] = typ(env[var])
+                if typ is bool:
+                    extra[name] = env[var].strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    extra[name] = typ(env[var])
         extra["sqlite_roots"] = _sqlite_roots(env.get("RETORT_SQLITE_ROOTS"), data_dir)
         extra.update(overrides)
         return cls(
@@ -133,6 +174,7 @@ class Config:
             admin_token=admin_token,
             # Comma-separated: the first key encrypts, every key decrypts (rotation).
             secret_keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
+            audit_keys=tuple(k.strip() for k in audit.split(",") if k.strip()),
             port=port,
             **extra,
         )
@@ -155,14 +197,22 @@ class Config:
         return f"{self.queue}.webhooks"
 
     @property
+    def audit_signing_key_path(self) -> Path:
+        """The Ed25519 key that signs audit checkpoints (its public key: + ".pub")."""
+        return Path(self.audit_signing_key_file or self.data_dir / "audit-signing-key")
+
+    @property
     def bundle_cache_dir(self) -> Path:
         return self.data_dir / "bundle-cache"
 
     def as_env(self) -> dict[str, str]:
         """Return the variables that make a child process build this same config."""
-        env = {"RETORT_SECRET_KEY": ",".join(self.secret_keys)}
+        env = {
+            "RETORT_SECRET_KEY": ",".join(self.secret_keys),
+            "RETORT_AUDIT_KEY": ",".join(self.audit_keys),
+        }
         for f in dataclasses.fields(self):
-            if f.name != "secret_keys":
+            if f.name not in ("secret_keys", "audit_keys"):
                 env["RETORT_" + f.name.upper()] = str(getattr(self, f.name))
         env["RETORT_SQLITE_ROOTS"] = os.pathsep.join(self.sqlite_roots)
         return env

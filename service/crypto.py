@@ -42,14 +42,19 @@ def rotate_secrets(session, box: SecretBox, actor: str) -> dict[str, int]:
 
     from service.audit.ops import record_event
     from service.databases.models import Database
+    from service.projects.models import Project
     from service.webhooks.models import Webhook
 
-    counts = {"databases": 0, "webhooks": 0}
+    counts = {"databases": 0, "webhooks": 0, "project_secrets": 0}
     for db in session.scalars(select(Database).with_for_update()):
         db.url_encrypted = box.rotate(db.url_encrypted)
         counts["databases"] += 1
     for hook in session.scalars(select(Webhook).with_for_update()):
         hook.secret_encrypted = box.rotate(hook.secret_encrypted)
         counts["webhooks"] += 1
+    for project in session.scalars(select(Project).with_for_update()):
+        if project.secret_env:
+            project.secret_env = {k: box.rotate(v) for k, v in project.secret_env.items()}
+            counts["project_secrets"] += len(project.secret_env)
     record_event(session, "secrets.rotated", actor=actor, data=counts)
     return counts

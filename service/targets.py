@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from service.errors import InvalidError
 
@@ -326,6 +326,7 @@ def make_target_engine(
     if pooled:
         engine = sa.create_engine(
             url,
+            poolclass=QueuePool,  # SQLAlchemy 1.4 (a project's environment) picks NullPool
             pool_size=1,
             max_overflow=1,
             pool_pre_ping=dialect != "sqlite",
@@ -431,8 +432,28 @@ def try_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> bo
         got = conn.execute(sa.text("SELECT GET_LOCK(:n, 0)"), {"n": name}).scalar() == 1
     else:
         raise ValueError("SQLite targets are locked by the worker (SqliteLock), not a session")
-    conn.commit()  # never leave a transaction open before Alembic starts (autobegin trap)
+    commit(conn)  # never leave a transaction open before Alembic starts (autobegin trap)
     return bool(got)
+
+
+def commit(conn: Connection) -> None:
+    """End the connection's transaction: SQLAlchemy 2's commit, or 1.4's (a project's env).
+
+    A 1.4 connection in its default (not `future`) mode has no commit(): its
+    statements autocommit outside an explicit transaction, and one begun is
+    committed through the Transaction object.
+    """
+    if hasattr(conn, "commit"):
+        conn.commit()
+    elif (trans := conn.get_transaction()) is not None:
+        trans.commit()
+
+
+def rollback(conn: Connection) -> None:
+    if hasattr(conn, "rollback"):
+        conn.rollback()
+    elif (trans := conn.get_transaction()) is not None:
+        trans.rollback()
 
 
 def release_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -> None:
@@ -442,7 +463,7 @@ def release_session_lock(conn: Connection, url: URL, settings: dict[str, Any]) -
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     elif dialect == "mysql":
         conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
-    conn.commit()
+    commit(conn)
 
 
 def apply_session_settings(conn: Connection, url: URL, settings: dict[str, Any]) -> None:
@@ -467,7 +488,7 @@ def apply_session_settings(conn: Connection, url: URL, settings: dict[str, Any])
                 conn.exec_driver_sql(f"SET SESSION max_statement_time = {stmt_ms / 1000:.3f}")
             else:
                 conn.exec_driver_sql(f"SET SESSION max_execution_time = {int(stmt_ms)}")
-    conn.commit()
+    commit(conn)
 
 
 def connect_with_retries(

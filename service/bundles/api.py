@@ -1,9 +1,9 @@
 from flask import Blueprint, request
 
-from service.app import actor, idempotent, principal, require, services
+from service.app import actor, idempotent, principal, require, services, validate
 from service.bundles.archive import Limits, parse_bundle
-from service.bundles.ops import get_bundle, serialize_bundle, store_bundle
-from service.bundles.schemas import BundleOut
+from service.bundles.ops import get_bundle, serialize_bundle, store_bundle, upload_notices
+from service.bundles.schemas import BundleOut, BundleUpload
 from service.db import transaction
 from service.errors import UnsupportedMediaTypeError
 from service.openapi import operation
@@ -24,9 +24,15 @@ GZIP_TYPES = {
     "Upload a bundle of revision scripts (.tar.gz)",
     role="deployer",
     raw_body="application/gzip",
+    query=BundleUpload,
     responses={201: BundleOut, 200: BundleOut},
 )
 def post_bundle(name: str):
+    """The archive may be shaped like its repository: `versions_path` names the folder of
+    revision scripts, `python_path` the folders put on the runner's import path (each must
+    hold .py files). The answer's `notices` say what Retort does not use (env.py,
+    alembic.ini's sqlalchemy.url) and where they set something the project's settings differ
+    from. See docs/bundles.md."""
     require("deployer")
     config = services().config
     if request.mimetype not in GZIP_TYPES:
@@ -34,6 +40,7 @@ def post_bundle(name: str):
             "send the bundle as a .tar.gz with Content-Type: application/gzip",
             {"content_type": request.mimetype},
         )
+    shape = _shape()
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())
     parsed = parse_bundle(
@@ -44,6 +51,8 @@ def post_bundle(name: str):
             config.max_bundle_files,
             config.max_bundle_file_bytes,
         ),
+        versions_path=shape.versions_path,
+        python_path=shape.python_path,
     )
 
     def create(s) -> tuple[str, int]:
@@ -57,8 +66,21 @@ def post_bundle(name: str):
     )
     with transaction(services().sessions) as s:
         project = get_project(s, name)
-        out = serialize_bundle(get_bundle(s, project, digest), project, graph=False)
+        notices = upload_notices(parsed, project)
+        out = serialize_bundle(get_bundle(s, project, digest), project, False, notices)
     return out, status, {"Idempotent-Replayed": "true"} if replayed else {}
+
+
+def _shape() -> BundleUpload:
+    """The upload's query: `python_path` repeated, comma-separated, or both."""
+    data: dict = {}
+    for key in request.args:
+        values = request.args.getlist(key)
+        if key == "python_path":
+            data[key] = [p.strip() for v in values for p in v.split(",") if p.strip()]
+        else:
+            data[key] = values[-1] if len(values) == 1 else values
+    return validate(BundleUpload, data)
 
 
 @bp.get("/projects/<name>/bundles/<ref>")

@@ -1,8 +1,13 @@
 """Read an uploaded bundle: a gzip'ed tar of an Alembic versions/ directory.
 
-Nothing in an upload is executed here: files are compiled (not run) and the
-revision identifiers are read from the syntax tree, so the API never runs a
-project's code. The worker loads the scripts with Alembic in its own process.
+A bundle may be shaped like its repository: the versions directory named by the
+upload (`versions_path`) or found in it, and the folders its revisions import
+from (`python_path`, put on the runner's import path). Nothing in an upload is
+executed here: files are compiled (not run) and the revision identifiers are
+read from the syntax tree, so the API never runs a project's code. The worker
+loads the scripts with Alembic in its sandboxed runner. `alembic.ini` files are
+read only to be scanned (docs/bundles.md) and never stored: they often hold a
+database URL with its password, and Retort never reads them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import json
 import posixpath
 import tarfile
 import warnings
@@ -23,6 +29,10 @@ from alembic.script.revision import Revision, RevisionError, RevisionMap
 from service.errors import BundleError, PayloadTooLargeError
 
 REVISION_FIELDS = ("revision", "down_revision", "branch_labels", "depends_on")
+# Scanned for notices, never stored: Retort does not read it, and it often
+# carries `sqlalchemy.url` with a password.
+SCAN_ONLY = ("alembic.ini",)
+MAX_PYTHON_PATH = 32
 
 
 @dataclasses.dataclass
@@ -36,11 +46,15 @@ class Limits:
 @dataclasses.dataclass
 class ParsedBundle:
     digest: str
-    files: dict[str, bytes]
+    files: dict[str, bytes]  # what is stored and given to the runner
     versions_path: str
     revisions: list[dict[str, Any]]
     heads: list[str]
     bases: list[str]
+    # Bundle-relative folders put first on the runner's import path ("." is the root).
+    python_path: list[str] = dataclasses.field(default_factory=list)
+    # Files of the upload read only to be scanned (alembic.ini): not stored.
+    scanned: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -162,16 +176,32 @@ def _check_tree(files: dict[str, bytes]) -> None:
                 )
 
 
-def parse_bundle(data: bytes, limits: Limits) -> ParsedBundle:
-    """Validate an upload completely and describe its revision graph."""
-    files = read_archive(data, limits)
-    versions_path = _find_versions_dir(files)
-    prefix = versions_path + "/" if versions_path else ""
+def parse_bundle(
+    data: bytes,
+    limits: Limits,
+    versions_path: str | None = None,
+    python_path: list[str] | tuple[str, ...] = (),
+) -> ParsedBundle:
+    """Validate an upload completely and describe its revision graph.
+
+    `versions_path` names the folder of revision scripts (else the one folder
+    named `versions` that holds .py files); `python_path` lists the folders the
+    runner puts on its import path, each a folder of the archive holding .py files.
+    """
+    uploaded = read_archive(data, limits)
+    found = _auto_versions_dir(uploaded)
+    if versions_path is None:
+        chosen = _versions_dir(uploaded, found)
+    else:
+        chosen = _asked_versions_dir(uploaded, versions_path)
+    python_path = _check_python_path(uploaded, python_path)
+    _check_requirements_file(uploaded)
+    prefix = chosen + "/" if chosen else ""
     revisions: list[dict[str, Any]] = []
-    for path in sorted(files):
+    for path in sorted(uploaded):
         if not path.endswith(".py"):
             continue
-        source = files[path]
+        source = uploaded[path]
         try:
             tree = ast.parse(source, filename=path)
             compile(tree, path, "exec", dont_inherit=True)
@@ -188,34 +218,146 @@ def parse_bundle(data: bytes, limits: Limits) -> ParsedBundle:
         if in_versions and name != "__init__.py" and not name.startswith(".#"):
             revisions.append(_describe_revision(path, tree, source))
     if not revisions:
-        raise BundleError(f"{versions_path or '.'}/ holds no revision scripts")
+        raise BundleError(f"{chosen or '.'}/ holds no revision scripts")
     heads, bases, ordered = _check_graph(revisions)
-    digest = hashlib.sha256(
-        "".join(f"{p}\0{hashlib.sha256(files[p]).hexdigest()}\n" for p in sorted(files)).encode()
-    ).hexdigest()
-    return ParsedBundle(digest, files, versions_path, ordered, heads, bases)
+    # The digest covers every uploaded file, as it always has (a bundle uploaded
+    # before keeps its id), and the bundle's shape when it is not the default one.
+    text = "".join(f"{p}\0{hashlib.sha256(uploaded[p]).hexdigest()}\n" for p in sorted(uploaded))
+    if python_path or chosen != found:
+        shape = {"versions_path": chosen, "python_path": python_path}
+        text += "\0shape\0" + json.dumps(shape, sort_keys=True) + "\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    files = {p: c for p, c in uploaded.items() if posixpath.basename(p) not in SCAN_ONLY}
+    scanned = {p: c for p, c in uploaded.items() if p not in files}
+    return ParsedBundle(
+        digest, files, chosen, ordered, heads, bases, python_path=python_path, scanned=scanned
+    )
 
 
-def _find_versions_dir(files: dict[str, bytes]) -> str:
+def _check_requirements_file(files: dict[str, bytes]) -> None:
+    """The bundle's requirements.txt (its root), used when the project names none."""
+    raw = files.get("requirements.txt")
+    if raw is None:
+        return
+    from service.projects.requirements import RequirementError, check_requirements
+
+    try:
+        check_requirements(raw.decode("utf-8").splitlines())
+    except UnicodeDecodeError:
+        raise BundleError(
+            "requirements.txt: not UTF-8 text", {"file": "requirements.txt"}
+        ) from None
+    except RequirementError as exc:
+        raise BundleError(
+            f"requirements.txt: {exc}",
+            {"file": "requirements.txt", "line": exc.line},
+            code="invalid_requirements",
+        ) from None
+
+
+def _versions_candidates(files: dict[str, bytes]) -> list[str]:
+    """Folders named `versions` holding .py files of their own (not only __init__.py)."""
     candidates = set()
     for path in files:
-        parts = path.split("/")
-        for i, part in enumerate(parts[:-1]):
-            if part == "versions" and i == len(parts) - 2 and parts[-1].endswith(".py"):
-                candidates.add("/".join(parts[: i + 1]))
+        folder, _, name = path.rpartition("/")
+        if (
+            posixpath.basename(folder) == "versions"
+            and name.endswith(".py")
+            and name != "__init__.py"
+        ):
+            candidates.add(folder)
+    return sorted(candidates, key=lambda c: (c.count("/"), c))
+
+
+def _auto_versions_dir(files: dict[str, bytes]) -> str | None:
+    """The versions folder an upload names none would get: the only candidate, else None."""
+    candidates = _versions_candidates(files)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _versions_dir(files: dict[str, bytes], found: str | None) -> str:
+    if found is not None:
+        return found
+    candidates = _versions_candidates(files)
     if not candidates:
         raise BundleError(
-            "no versions/ directory with revision scripts in the archive",
-            {"files": sorted(files)[:20]},
+            "no versions/ directory with revision scripts in the archive: send the folder "
+            "of revision scripts, or name it with the versions_path parameter "
+            "(retort push --versions)",
+            {"files": sorted(files)[:20], "field": "versions_path"},
         )
-    depth = min(c.count("/") for c in candidates)
-    top = sorted(c for c in candidates if c.count("/") == depth)
-    if len(top) > 1:
+    shown = ", ".join(candidates[:10]) + (", …" if len(candidates) > 10 else "")
+    raise BundleError(
+        f"the archive holds {len(candidates)} folders named versions/ with .py files "
+        f"({shown}): name the one with the revision scripts with the versions_path "
+        f"parameter (?versions_path={candidates[0]}, or retort push --versions)",
+        {"versions_dirs": candidates[:100], "field": "versions_path"},
+        code="ambiguous_versions_path",
+    )
+
+
+def _folder(raw: str, field: str) -> str:
+    """A bundle-relative folder as given by an upload parameter, normalized ("" is the root)."""
+    if not isinstance(raw, str) or len(raw) > 500:
+        raise BundleError(f"{field}: a folder path of at most 500 characters", {"field": field})
+    text = raw.strip()
+    if text.startswith("/") or "\\" in text or "\x00" in text or (len(text) > 1 and text[1] == ":"):
         raise BundleError(
-            "the archive holds several versions/ directories at the same depth: " + ", ".join(top),
-            {"versions_dirs": top},
+            f"{field} {raw!r}: a folder relative to the archive's root, with / between names",
+            {"field": field, "value": raw},
         )
-    return top[0]
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise BundleError(f"{field} {raw!r}: '..' is not allowed", {"field": field, "value": raw})
+    return "/".join(parts)
+
+
+def _asked_versions_dir(files: dict[str, bytes], raw: str) -> str:
+    folder = _folder(raw, "versions_path")
+    prefix = folder + "/" if folder else ""
+    inside = [p for p in files if p.startswith(prefix)]
+    if not inside:
+        raise BundleError(
+            f"versions_path {raw!r}: no such folder in the archive",
+            {"field": "versions_path", "value": raw, "versions_dirs": _versions_candidates(files)},
+        )
+    names = [p[len(prefix) :] for p in inside]
+    if not any("/" not in n and n.endswith(".py") and n != "__init__.py" for n in names):
+        raise BundleError(
+            f"versions_path {raw!r} holds no revision scripts (.py files directly in it)",
+            {"field": "versions_path", "value": raw, "versions_dirs": _versions_candidates(files)},
+        )
+    return folder
+
+
+def _check_python_path(files: dict[str, bytes], entries: list[str] | tuple[str, ...]) -> list[str]:
+    """Each entry an existing folder of the archive with .py files in it; "." is the root."""
+    if len(entries) > MAX_PYTHON_PATH:
+        raise BundleError(
+            f"python_path has {len(entries)} folders; at most {MAX_PYTHON_PATH}",
+            {"field": "python_path", "limit": MAX_PYTHON_PATH},
+        )
+    out: list[str] = []
+    for raw in entries:
+        folder = _folder(raw, "python_path")
+        entry = folder or "."
+        if entry in out:
+            continue
+        prefix = folder + "/" if folder else ""
+        inside = [p for p in files if p.startswith(prefix)]
+        if not inside:
+            raise BundleError(
+                f"python_path {raw!r}: no such folder in the archive (each python_path entry "
+                "is a folder of the bundle, relative to its root)",
+                {"field": "python_path", "value": raw},
+            )
+        if not any(p.endswith(".py") for p in inside):
+            raise BundleError(
+                f"python_path {raw!r} holds no .py files: nothing in it could be imported",
+                {"field": "python_path", "value": raw},
+            )
+        out.append(entry)
+    return out
 
 
 def _describe_revision(path: str, tree: ast.Module, source: bytes) -> dict[str, Any]:
@@ -242,7 +384,8 @@ def _describe_revision(path: str, tree: ast.Module, source: bytes) -> dict[str, 
     if "revision" not in values:
         raise BundleError(
             f"{path}: no `revision = '...'` in this file; every .py file in versions/ "
-            "must be a revision script (put helpers beside versions/)",
+            "must be a revision script (put helpers beside versions/, or in a folder "
+            "named with python_path)",
             {"file": path},
         )
     norm = {}

@@ -18,6 +18,9 @@ class Bundle(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
     digest: Mapped[str] = mapped_column(String(64))
     versions_path: Mapped[str] = mapped_column(String(500))
+    # Bundle-relative folders the runner puts first on sys.path; None or [] for
+    # none (the folder holding versions/ then, when the bundle has helper modules).
+    python_path: Mapped[list | None] = mapped_column(default=None)
     revisions: Mapped[list] = mapped_column()
     heads: Mapped[list] = mapped_column()
     bases: Mapped[list] = mapped_column()

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from service.audit.ops import record_event
 from service.bundles.archive import ParsedBundle
 from service.bundles.models import Bundle, BundleFile
+from service.bundles.notices import scan
 from service.db import iso
 from service.errors import NotFoundError
 from service.projects.models import Project
@@ -29,6 +30,7 @@ def store_bundle(
         project_id=project.id,
         digest=parsed.digest,
         versions_path=parsed.versions_path,
+        python_path=parsed.python_path or None,
         revisions=parsed.revisions,
         heads=parsed.heads,
         bases=parsed.bases,
@@ -84,13 +86,29 @@ def bundle_files(session: Session, bundle: Bundle) -> dict[str, bytes]:
     return {path: content for path, content in rows}
 
 
-def serialize_bundle(bundle: Bundle, project: Project, graph: bool) -> dict[str, Any]:
+def upload_notices(parsed: ParsedBundle, project: Project) -> list[dict[str, Any]]:
+    """What the uploader should know (env.py is not run, settings it sets, …): never stored."""
+    return scan(
+        {**parsed.files, **parsed.scanned},
+        parsed.versions_path,
+        project.settings or {},
+        parsed.python_path,
+    )
+
+
+def serialize_bundle(
+    bundle: Bundle,
+    project: Project,
+    graph: bool,
+    notices: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": bundle.digest,
         "project": project.name,
         "heads": bundle.heads,
         "bases": bundle.bases,
         "versions_path": bundle.versions_path,
+        "python_path": list(bundle.python_path or []),
         "files": bundle.file_count,
         "size": bundle.size,
         "created_by": bundle.created_by,
@@ -115,4 +133,6 @@ def serialize_bundle(bundle: Bundle, project: Project, graph: bool) -> dict[str,
         ]
     else:
         out["revisions"] = [r["id"] for r in bundle.revisions]
+    if notices is not None:
+        out["notices"] = notices
     return out

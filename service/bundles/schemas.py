@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
 from service.projects.schemas import Out
 
 
@@ -14,15 +18,47 @@ class RevisionOut(Out):
     path: str
 
 
+class NoticeOut(Out):
+    """Something the uploader should know: env.py is not run, a setting it sets differs, …"""
+
+    code: str
+    level: Literal["info", "warning"]
+    message: str
+    file: str | None = None
+    line: int | None = None
+    setting: str | None = None
+
+
+class BundleUpload(BaseModel):
+    """Query parameters of an upload: the bundle's shape (docs/bundles.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    versions_path: str | None = Field(
+        default=None,
+        max_length=500,
+        description="the folder of revision scripts, relative to the archive's root "
+        "(default: the one folder named versions/ holding .py files)",
+    )
+    python_path: list[str] = Field(
+        default_factory=list,
+        description="folders put first on the runner's import path, relative to the "
+        "archive's root ('.' is the root); repeat the parameter or separate with commas",
+    )
+
+
 class BundleOut(Out):
     id: str
     project: str
     heads: list[str]
     bases: list[str]
     versions_path: str
+    python_path: list[str] = Field(default_factory=list)
     files: int
     size: int
     created_by: str
     created_at: str
     # Upload answers list revision ids; `GET …/bundles/{ref}` describes each revision.
     revisions: list[str] | list[RevisionOut]
+    # Upload answers only: computed from what was uploaded, never stored.
+    notices: list[NoticeOut] | None = None

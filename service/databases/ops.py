@@ -162,6 +162,7 @@ class DatabaseView:
     bundle: str | None
     revisions: list[dict[str, Any]] | None
     lock: dict[str, Any]
+    runtime: dict[str, Any] | None = None
 
 
 def view_database(session: Session, name: str, who: Principal | None) -> DatabaseView:
@@ -170,6 +171,14 @@ def view_database(session: Session, name: str, who: Principal | None) -> Databas
     project = session.get_one(Project, db.project_id)
     bundle = latest_bundle(session, project)
     lease = session.get(Lease, db.id)
+    from service.jobs.models import Job  # jobs import databases
+
+    runtime = session.scalar(
+        select(Job.runtime)
+        .where(Job.database_id == db.id, Job.started_at.is_not(None), Job.runtime.is_not(None))
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
     return DatabaseView(
         stored=serialize_database(db, project),
         url_encrypted=db.url_encrypted,
@@ -181,6 +190,7 @@ def view_database(session: Session, name: str, who: Principal | None) -> Databas
             "fencing_token": lease.token if lease else 0,
             "held_by_job": lease.holder_job_id if lease else None,
         },
+        runtime=runtime,
     )
 
 
@@ -196,6 +206,7 @@ def show_live(view: DatabaseView, box: SecretBox, timeout_s: int) -> dict[str, A
         out["pending"] = None
         out["unknown_current"] = []
     out["lock"] = view.lock
+    out["runtime"] = view.runtime
     return out
 
 

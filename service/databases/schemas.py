@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.projects.schemas import Name, Out
@@ -34,6 +36,8 @@ class DatabaseOut(Out):
     pending: list[str] | None = None
     unknown_current: list[str] | None = None
     lock: DatabaseLock | None = None
+    # What ran this database's latest job: {environment, python, sqlalchemy, alembic}.
+    runtime: dict[str, Any] | None = None
 
 
 class DatabasePage(Out):

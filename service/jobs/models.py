@@ -47,6 +47,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     # Which sandbox ran the job's revision code: "bwrap" or "process" (docs/security.md).
     sandbox: Mapped[str | None] = mapped_column(String(16), default=None)
+    # What ran the job: {environment, python, sqlalchemy, alembic} (the runner says).
+    runtime: Mapped[dict | None] = mapped_column(default=None)
     requested_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)

@@ -15,7 +15,7 @@ from service.bundles.ops import get_bundle
 from service.databases.models import Database
 from service.databases.ops import get_database
 from service.db import iso, utcnow
-from service.errors import ConflictError, InvalidError, NotFoundError
+from service.errors import InvalidError, NotFoundError
 from service.jobs.models import ACTIVE_STATES, Job, JobStep
 from service.jobs.schemas import JobCreate, JobList
 from service.jobs.targets import check_target
@@ -162,6 +162,7 @@ def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[st
         "requested_by": job.requested_by,
         "worker": None,
         "sandbox": None,
+        "runtime": None,
         "created_at": iso(job.created_at),
         "started_at": None,
         "finished_at": None,
@@ -222,33 +223,6 @@ def list_jobs(
     return jobs, encode_cursor(jobs[-1]["id"]) if more else None
 
 
-def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None = None) -> Job:
-    job = get_job(session, job_id, who)
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state.in_(("queued", "waiting_for_lock")))
-        .values(state="cancelled", finished_at=utcnow())
-    ).rowcount
-    if not done:
-        raise ConflictError(
-            f"job {job_id} is {job.state}: only a queued or waiting job can be cancelled",
-            {"job": job_id, "state": job.state},
-            code="not_cancellable",
-        )
-    session.refresh(job)
-    db = session.get(Database, job.database_id)
-    project = session.get(Project, job.project_id)
-    record_event(
-        session,
-        "job.cancelled",
-        actor=actor,
-        project=project.name,
-        database=db.name,
-        job_id=job.id,
-    )
-    return job
-
-
 _jobs = Job.__table__
 _steps = JobStep.__table__
 _databases = Database.__table__
@@ -278,6 +252,7 @@ def _documents(*columns) -> Select:
             _jobs.c.requested_by,
             _jobs.c.worker,
             _jobs.c.sandbox,
+            _jobs.c.runtime,
             _jobs.c.created_at,
             _jobs.c.started_at,
             _jobs.c.finished_at,
@@ -362,6 +337,7 @@ def _document(row: Row) -> dict[str, Any]:
         "requested_by": row.requested_by,
         "worker": row.worker,
         "sandbox": row.sandbox,
+        "runtime": row.runtime,
         "created_at": iso(row.created_at),
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),

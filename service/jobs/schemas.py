@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,6 +93,10 @@ class JobOut(Out):
     # Which sandbox ran the revision code: "bwrap" (namespaces) or "process"
     # (a clean exec'd process, not isolated from the worker's machine).
     sandbox: str | None = None
+    # What ran the revisions: the project's environment (its key, None: the
+    # worker's own) and the versions in it; while the environment is built,
+    # {"environment", "state": "building", "requirements"}.
+    runtime: dict[str, Any] | None = None
     created_at: str
     started_at: str | None
     finished_at: str | None

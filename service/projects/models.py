@@ -16,4 +16,6 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     settings: Mapped[dict] = mapped_column(default=dict)
+    # {name: Fernet token}: project secrets for its runner (ProjectCreate.secret_env).
+    secret_env: Mapped[dict] = mapped_column(default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

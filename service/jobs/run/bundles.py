@@ -39,6 +39,9 @@ class BundleInfo:
     # Python files that are not revisions (helpers the revisions may import):
     # such a bundle gets a runner of its own (its modules stay in it).
     helpers: bool
+    # Bundle-relative folders the runner puts first on sys.path (empty: the
+    # folder holding versions/, when the bundle has helpers).
+    python_path: tuple[str, ...] = ()
 
     @property
     def sha_by_revision(self) -> dict[str, str]:
@@ -50,9 +53,13 @@ def bundle_info(process: WorkerProcess, conn: Session | Connection, pk: int) -> 
     info = process.bundles.get(pk)
     if info is None:
         row = conn.execute(
-            select(Bundle.project_id, Bundle.digest, Bundle.versions_path, Bundle.revisions).where(
-                Bundle.pk == pk
-            )
+            select(
+                Bundle.project_id,
+                Bundle.digest,
+                Bundle.versions_path,
+                Bundle.revisions,
+                Bundle.python_path,
+            ).where(Bundle.pk == pk)
         ).one()
         files = dict(
             conn.execute(
@@ -68,8 +75,16 @@ def bundle_info(process: WorkerProcess, conn: Session | Connection, pk: int) -> 
             and path.rpartition("/")[2] not in ("env.py", "__init__.py")
             for path in files
         )
+        python_path = tuple(row.python_path or ())
         info = BundleInfo(
-            pk, row.project_id, row.digest, row.versions_path, row.revisions, files, helpers
+            pk,
+            row.project_id,
+            row.digest,
+            row.versions_path,
+            row.revisions,
+            files,
+            helpers or bool(python_path),
+            python_path,
         )
         if len(process.bundles) >= _MAX_BUNDLES:
             process.bundles.pop(next(iter(process.bundles)))

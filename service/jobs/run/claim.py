@@ -43,6 +43,7 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         from_heads=job.from_heads,
         bundle=bundle,
         url_encrypted=job.url_encrypted,
+        secret_env=job.secret_env or {},
     )
     ctx = JobContext(
         job_id=job_id,

@@ -24,6 +24,7 @@ from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
 from service.db import transaction
+from service.jobs.run.environments import Environments
 from service.jobs.run.lease_clock import LeaseClock
 from service.jobs.run.sandbox import Probe, RunnerPool, probe
 from service.locks import ops as leases
@@ -45,6 +46,7 @@ class WorkerProcess:
         self.name = f"{os.uname().nodename}:{os.getpid()}"
         self._publisher: notify.Publisher | None = None
         self._pool: RunnerPool | None = None
+        self.environments = Environments(config)
         self.bundles: dict[int, Any] = {}  # bundle pk -> BundleInfo (bundles never change)
         # project id -> its SQLite targets' real paths (what a sandboxed runner may write)
         self.sqlite_files: dict[int, frozenset[str]] = {}
@@ -78,6 +80,7 @@ class WorkerProcess:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close_all()
+        self.environments.release_all()
 
 
 @dataclass

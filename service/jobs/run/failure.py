@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,82 @@ def locate(exc: BaseException, bundle_dir: Path | str) -> dict[str, Any]:
         if frame.filename.startswith(root):
             found = {"file": frame.filename[len(root) :], "line": frame.lineno}
     return found
+
+
+def bundle_frames(exc: BaseException, bundle_dir: Path | str) -> list[dict[str, Any]]:
+    """Every frame of `exc`'s traceback in a bundle file, outermost first, as {file, line}."""
+    root = str(Path(bundle_dir)) + "/"
+    return [
+        {"file": frame.filename[len(root) :], "line": frame.lineno}
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if frame.filename.startswith(root)
+    ]
+
+
+IMPORT_FIXES = (
+    "add it to the project's requirements (settings.requirements or the bundle's "
+    "requirements.txt), or include the folder that holds it with --python-path"
+)
+
+
+def load_failure(
+    exc: BaseException,
+    bundle_dir: Path | str,
+    versions_path: str,
+    import_path: list[str],
+    revision_of: Callable[[str], str | None],
+) -> JobFailure:
+    """`bundle_load_failed` for an error raised while Alembic loaded the revision files.
+
+    Names the revision whose file raised (`revision_of` reads a bundle file's
+    revision id) and its line; for a module that cannot be found, the module,
+    where it was imported, and the two ways to provide it. `import_path` is the
+    bundle's folders on the runner's sys.path (bundle-relative).
+    """
+    frames = bundle_frames(exc, bundle_dir)
+    prefix = versions_path + "/" if versions_path else ""
+
+    def is_revision(file: str) -> bool:
+        return file.startswith(prefix) and "/" not in file[len(prefix) :]
+
+    # The revision file that was being loaded (the outermost bundle frame in
+    # versions/), else where it was raised (a SyntaxError names its own file).
+    top = next((f for f in frames if is_revision(f["file"])), None)
+    where = top or (frames[-1] if frames else locate(exc, bundle_dir)) or {}
+    revision = revision_of(where["file"]) if where and is_revision(where["file"]) else None
+    inner = frames[-1] if frames else None
+    extra: dict[str, Any] = {
+        "revision": revision,
+        "file": where.get("file"),
+        "line": where.get("line"),
+    }
+    if where:
+        named = (
+            f"revision {revision} ({where['file']}, line {where['line']})"
+            if revision
+            else f"{where['file']}, line {where['line']},"
+        )
+    else:
+        named = "a revision script"
+    via = (
+        f", through {inner['file']} line {inner['line']}"
+        if inner is not None and where and inner != where
+        else ""
+    )
+    if isinstance(exc, ModuleNotFoundError):
+        module = exc.name or str(exc)
+        extra["module"] = module
+        shown = ", ".join(import_path) if import_path else "none"
+        message = (
+            f"the revision scripts do not load: {named} imports {module!r}{via}, which cannot "
+            f"be found (ModuleNotFoundError: {exc}). To fix it: {IMPORT_FIXES} (the upload's "
+            f"python_path; this bundle's folders on the import path: {shown})."
+        )
+    else:
+        message = (
+            f"the revision scripts do not load: {named} raised {type(exc).__name__}: {exc}{via}"
+        )
+    return JobFailure("bundle_load_failed", message, **extra)
 
 
 def partial_ddl(statements: list[str], version_table: str) -> bool:

@@ -7,7 +7,10 @@ channel, which checks and records it. Imports nothing of Retort's state side.
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -23,7 +26,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 
 from service import targets
 from service.jobs.run import plan
-from service.jobs.run.failure import JobFailure, db_message, locate, partial_ddl
+from service.jobs.run.failure import JobFailure, db_message, load_failure, locate, partial_ddl
 from service.jobs.run.protocol import Channel
 
 # Target engines a runner keeps (one idle connection each) for its project's
@@ -52,6 +55,7 @@ class Runner:
         self.chan = chan
         self._engines: OrderedDict[tuple, sa.Engine] = OrderedDict()
         self._scripts: OrderedDict[str, ScriptDirectory] = OrderedDict()
+        self.import_path = ImportPath()  # the running bundle's folders on sys.path
         self.conn: Connection | None = None  # the running job's target connection
 
     # ------------------------------------------------------------- messages
@@ -64,6 +68,20 @@ class Runner:
 
     # ------------------------------------------------------------------ job
     def run_job(self, job: dict[str, Any]) -> None:
+        """Run one job to its end, with the project's environment variables set."""
+        env = job.get("env") or {}
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            self._run_job(job)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    def _run_job(self, job: dict[str, Any]) -> None:
         """Run one job to its end, then send its outcome: exactly one of not_early,
         aborted, stopped, done or failed (after the target's lock is released)."""
         url = make_url(job["url"])
@@ -105,6 +123,7 @@ class Runner:
         key = (job["url"], job.get("sqlite_journal"))
         engine = self._engines.pop(key, None)
         if engine is None:
+            url = _driver_for_this_sqlalchemy(url)
             engine = targets.make_target_engine(url, job["connect"]["timeout_s"], pooled=True)
             if job.get("sqlite_journal") == "truncate":
                 sa.event.listen(engine, "connect", _keep_journal_file)
@@ -158,7 +177,7 @@ class Runner:
     def _release(self, job: dict[str, Any], conn: Connection, url: URL, locked: bool) -> None:
         clean = True
         try:
-            conn.rollback()
+            targets.rollback(conn)
             if locked and targets.dialect_of(url) != "sqlite":
                 targets.release_session_lock(conn, url, job["settings"])
         except Exception:  # noqa: BLE001 - dropping the session releases the lock anyway
@@ -174,21 +193,37 @@ class Runner:
         """Under the session lock: set the project's timeouts, read the heads, commit."""
         targets.apply_session_settings(conn, url, job["settings"])
         heads = targets.read_heads(conn, job["settings"])
-        conn.commit()  # the autobegin trap: Alembic must start from no transaction
+        targets.commit(conn)  # the autobegin trap: Alembic must start from no transaction
         return heads
 
     def scripts(self, job: dict[str, Any]) -> ScriptDirectory:
-        """The bundle's scripts, loaded once per runner (bundles never change)."""
+        """The bundle's scripts, loaded once per runner (bundles never change).
+
+        Its folders go first on sys.path until the job ends (`_run`); a bundle
+        switched away from has its modules forgotten, and its scripts with them.
+        """
         bundle = job["bundle"]
+        forgotten = self.import_path.enter(bundle)
+        if forgotten is not None:
+            self._scripts.pop(forgotten, None)
         script = self._scripts.pop(bundle["digest"], None)
         if script is None:
-            script = load_scripts(Path(bundle["dir"]), bundle["versions_path"], bundle["helpers"])
+            script = load_scripts(
+                Path(bundle["dir"]), bundle["versions_path"], import_folders(bundle)
+            )
             while len(self._scripts) >= _MAX_SCRIPTS:
                 self._scripts.popitem(last=False)
         self._scripts[bundle["digest"]] = script
         return script
 
     def _run(self, job: dict[str, Any], conn: Connection, url: URL) -> dict[str, Any] | None:
+        """Run the job's revisions, with its bundle's folders on sys.path until it ends."""
+        try:
+            return self._migrate(job, conn, url)
+        finally:
+            self.import_path.leave()
+
+    def _migrate(self, job: dict[str, Any], conn: Connection, url: URL) -> dict[str, Any] | None:
         heads = self._heads(job, conn, url)
         script = self.scripts(job)
         action, target = job["action"], job["target"]
@@ -245,21 +280,104 @@ def _keep_journal_file(dbapi_conn, _record) -> None:
         dbapi_conn.execute("PRAGMA journal_mode=TRUNCATE")
 
 
-def load_scripts(bundle_dir: Path, versions_path: str, helpers: bool) -> ScriptDirectory:
-    """Load a bundle's revisions; with `helpers`, its own modules become importable."""
+def import_folders(bundle: dict[str, Any]) -> list[str]:
+    """The bundle's folders on the import path, bundle-relative: its python_path, else
+    (a bundle with helper modules) the folder holding versions/."""
+    if bundle.get("python_path"):
+        return list(bundle["python_path"])
+    if bundle.get("helpers"):
+        return [bundle["versions_path"].rpartition("/")[0] or "."]
+    return []
+
+
+class ImportPath:
+    """The running bundle's folders, first on sys.path while its job runs (before the
+    environment's site-packages and Retort's own code, as Alembic's prepend_sys_path).
+
+    A warm runner serves several bundles of its project. Modules a bundle
+    imported stay loaded for its next jobs (its scripts are kept too); when the
+    runner switches to another bundle they are forgotten (sys.modules and the
+    import caches), so `import myapp` finds the new bundle's own.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[str] = []  # what enter() put on sys.path
+        # (digest, dir) of the last bundle with folders: its modules may be loaded.
+        self.loaded: tuple[str, str] | None = None
+
+    def enter(self, bundle: dict[str, Any]) -> str | None:
+        """Put the bundle's folders first; return the digest of a bundle forgotten now."""
+        self.leave()
+        root = Path(bundle["dir"])
+        forgotten = None
+        if self.loaded is not None and self.loaded[0] != bundle["digest"]:
+            forgotten = self.loaded[0]
+            forget_modules(self.loaded[1])
+            self.loaded = None
+        folders = import_folders(bundle)
+        if folders:  # only a bundle with folders on the path can import its own modules
+            self.loaded = (bundle["digest"], str(root))
+        self.entries = [str(root / folder) for folder in folders]
+        for entry in reversed(self.entries):
+            while entry in sys.path:
+                sys.path.remove(entry)
+            sys.path.insert(0, entry)
+        return forgotten
+
+    def leave(self) -> None:
+        """Take the bundle's folders off sys.path (its modules stay loaded)."""
+        for entry in self.entries:
+            while entry in sys.path:
+                sys.path.remove(entry)
+        self.entries = []
+
+
+def forget_modules(bundle_dir: str) -> None:
+    """Drop every module loaded from a bundle's folder, and the import system's caches of it."""
+    prefix = str(Path(bundle_dir)) + "/"
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        try:
+            paths = [str(p) for p in (getattr(module, "__path__", None) or ())]
+        except Exception:  # noqa: BLE001 - an odd __path__: judged by its file alone
+            paths = []
+        if (isinstance(origin, str) and origin.startswith(prefix)) or any(
+            p.startswith(prefix) for p in paths
+        ):
+            sys.modules.pop(name, None)
+    for key in list(sys.path_importer_cache):
+        if isinstance(key, str) and (key + "/").startswith(prefix):
+            sys.path_importer_cache.pop(key, None)
+    importlib.invalidate_caches()
+
+
+def load_scripts(bundle_dir: Path, versions_path: str, folders: list[str]) -> ScriptDirectory:
+    """Load a bundle's revisions (its `folders`, bundle-relative, are on sys.path already)."""
     root = bundle_dir / versions_path.rpartition("/")[0] if "/" in versions_path else bundle_dir
-    if helpers and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     try:
         script = ScriptDirectory(str(root), version_locations=[str(bundle_dir / versions_path)])
         script.revision_map.heads  # noqa: B018 - load every revision file now
         return script
     except Exception as exc:  # noqa: BLE001
-        raise JobFailure(
-            "bundle_load_failed",
-            f"the revision scripts do not load: {type(exc).__name__}: {exc}",
-            **locate(exc, bundle_dir),
+        raise load_failure(
+            exc, bundle_dir, versions_path, folders, lambda f: _revision_id(bundle_dir / f)
         ) from None
+
+
+def _revision_id(path: Path) -> str | None:
+    """The `revision = '...'` of a revision file, read from its syntax tree."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            targets_ = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "revision" for t in targets_):
+                value = node.value
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    return value.value
+    return None
 
 
 class _Migration:
@@ -290,7 +408,7 @@ class _Migration:
                 reconnects += 1
                 self._reconnect(lost, reconnects)
         to_heads = targets.read_heads(self.conn, self.settings)
-        self.conn.commit()
+        targets.commit(self.conn)
         return {"type": "done", "to_heads": to_heads, "steps": self.applied}
 
     # ------------------------------------------------------------- Alembic
@@ -471,9 +589,9 @@ class _Migration:
             )
         sql = self.statements
         try:
-            self.conn.rollback()
+            targets.rollback(self.conn)
             heads_now = targets.read_heads(self.conn, self.settings)
-            self.conn.commit()
+            targets.commit(self.conn)
         except Exception:  # noqa: BLE001
             heads_now = None
         mysql = targets.dialect_of(self.url) == "mysql"
@@ -530,3 +648,18 @@ class _Migration:
 
 def _revision_of(step: Any) -> str | None:
     return getattr(getattr(step, "revision", None), "revision", None)
+
+
+def _driver_for_this_sqlalchemy(url: URL) -> URL:
+    """SQLAlchemy 1.4 (a project's environment) has no psycopg 3 dialect: use psycopg2."""
+    if not sa.__version__.startswith("1.") or url.drivername != "postgresql+psycopg":
+        return url
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        raise JobFailure(
+            "environment_failed",
+            f"SQLAlchemy {sa.__version__} reaches PostgreSQL through psycopg2, which this "
+            "project's environment does not have: add psycopg2-binary to its requirements",
+        ) from None
+    return url.set(drivername="postgresql+psycopg2")

@@ -54,11 +54,20 @@ _ETC_FILES = (
 )
 NOBODY = 65534
 # The runner's first lines: import service.jobs.run.runner_main from the same
-# tree as the worker (argv[1]), not whichever copy the environment's path finds.
+# tree as the worker (argv[1]), not whichever copy the environment's path finds;
+# then (argv[2], os.pathsep-separated) the worker's packages after the
+# environment's own: a project's environment names only what it pins.
 _BOOT = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "sys.path += [p for p in sys.argv.pop(1).split(':') if p and p not in sys.path]; "
     "from service.jobs.run.runner_main import main; sys.exit(main())"
 )
+
+
+def _worker_packages() -> str:
+    """The worker's site-packages, for a runner in a project's environment (after its own)."""
+    paths = sysconfig.get_paths()
+    return ":".join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
 
 
 class SandboxUnavailable(Exception):
@@ -209,10 +218,14 @@ class RunnerSpec:
     project_id: int | None
     helpers_digest: str | None = None
     sqlite_files: frozenset[str] = frozenset()
+    # The project's environment (jobs.run.environments): its key and its
+    # interpreter; None: the worker's own.
+    env_key: str | None = None
+    env_python: str | None = None
 
     @property
-    def key(self) -> tuple[int | None, str | None]:
-        return (self.project_id, self.helpers_digest)
+    def key(self) -> tuple[int | None, str | None, str | None]:
+        return (self.project_id, self.helpers_digest, self.env_key)
 
 
 class RunnerProcess:
@@ -232,13 +245,14 @@ class RunnerProcess:
         self.versions: dict[str, Any] = {}
         self._cwd = tempfile.mkdtemp(prefix="retort-runner-")
         argv = [
-            sys.executable,
+            spec.env_python or sys.executable,
             "-I",
             "-B",
             "-c",
             _BOOT,
             # The worker's own copy of Retort (its runner must speak the same protocol).
             os.path.dirname(os.path.dirname(os.path.realpath(service.__file__))),
+            _worker_packages() if spec.env_python else "",
             "--sandbox",
             sandbox.mode,
             "--memory-mb",
@@ -286,9 +300,14 @@ class RunnerProcess:
             self.kill()
             raise ChannelClosed(f"the runner did not start: {ready!r}")
         self.versions = {k: ready.get(k) for k in ("python", "sqlalchemy", "alembic", "psycopg")}
+        if spec.env_key:
+            self.versions["environment"] = spec.env_key
 
     def _job_binds(self) -> list[str]:
         args = ["--ro-bind", str(self.staging), str(self.staging)]
+        if self.spec.env_python:  # the project's environment (bin/python: the base's link)
+            env_dir = os.path.dirname(os.path.dirname(self.spec.env_python))
+            args += ["--ro-bind", env_dir, env_dir]
         if self.config_profile_dir:
             args += ["--bind", self.config_profile_dir, self.config_profile_dir]
         for path in sorted(self.spec.sqlite_files):
@@ -456,6 +475,8 @@ class RunnerPool:
     def _take_spare(self, spec: RunnerSpec) -> RunnerProcess | None:
         if spec.sqlite_files and self.sandbox.mode == "bwrap":
             return None  # its files must be bound when the sandbox starts
+        if spec.env_python:
+            return None  # the spare runs the worker's own interpreter
         with self._lock:
             spare, self._spare = self._spare, None
         if spare is None:

@@ -52,6 +52,7 @@ ERROR_FIELDS = (
     "database_heads",
     "file",
     "line",
+    "module",
     "revisions",
 )
 

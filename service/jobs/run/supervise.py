@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
@@ -23,10 +23,12 @@ from service import targets
 from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import transaction
+from service.jobs.models import Job
 from service.jobs.run import endings
 from service.jobs.run import lease as leasing
 from service.jobs.run.bundles import BundleInfo, discarded, verified_dir
 from service.jobs.run.context import JobContext
+from service.jobs.run.environments import EnvironmentFailed, EnvSpec, spec_for
 from service.jobs.run.failure import JobFailure, exit_description, killed_by
 from service.jobs.run.plan import check_checksums
 from service.jobs.run.protocol import ChannelClosed, ProtocolError
@@ -88,6 +90,7 @@ class Plan:
     from_heads: list[str] | None
     bundle: BundleInfo
     url_encrypted: str
+    secret_env: dict[str, str]  # name -> Fernet token (the project's secret variables)
 
 
 class JobRun:
@@ -107,6 +110,8 @@ class JobRun:
         self.file_lock_waited_ms = 0  # waiting for a SQLite target's lock (the worker's)
         self.deadline: float | None = None  # CLOCK_MONOTONIC: when the runner's time is up
         self.driven = threading.Event()  # the job's own thread is done with the runner
+        self.env: EnvSpec | None = None  # the project's environment, None: the worker's
+        self.env_python: str | None = None
 
     # ---------------------------------------------------------------- entry
     def run(self) -> str:
@@ -123,14 +128,20 @@ class JobRun:
         ctx, plan, worker = self.ctx, self.plan, self.ctx.process.name
         try:
             self.sandbox = resolve(self.config)
-        except SandboxUnavailable as exc:
+            self.url = targets.normalize_url(ctx.process.box.decrypt(plan.url_encrypted))
+            self._environment()
+        except (SandboxUnavailable, EnvironmentFailed) as exc:
+            code = (
+                "sandbox_unavailable"
+                if isinstance(exc, SandboxUnavailable)
+                else ("environment_failed")
+            )
             with transaction(ctx.sessions) as s:
-                refused = refuse_unclaimed(s, ctx, worker, "sandbox_unavailable", str(exc))
+                refused = refuse_unclaimed(s, ctx, worker, code, str(exc))
             if refused:
                 ctx.published()
-            log.error("job %s: %s", ctx.job_id, exc)
+            log.error("job %s: %s: %s", ctx.job_id, code, exc)
             return "not_claimed"
-        self.url = targets.normalize_url(ctx.process.box.decrypt(plan.url_encrypted))
         early = plan.attempt == 1 and self._open_early()
         state = granted = False
         try:
@@ -195,6 +206,28 @@ class JobRun:
             self._crashed(gone)
         return "done"
 
+    # -------------------------------------------------------- environments
+    def _environment(self) -> None:
+        """Find (or build, on this machine's first such job) the project's environment."""
+        ctx, info = self.ctx, self.plan.bundle
+        bundled = None
+        if "requirements.txt" in info.files and not ctx.settings.get("requirements"):
+            bundled = (verified_dir(ctx, info) / "requirements.txt").read_text(errors="replace")
+        self.env = spec_for(ctx.settings, bundled)
+        if self.env is None:
+            return
+        spec = self.env
+
+        def on_build(state: str, detail: dict[str, Any]) -> None:
+            # The job says so while it waits (its runtime and an audit event).
+            runtime = {"environment": spec.key, "state": state, **detail}
+            with transaction(ctx.sessions) as s:
+                s.execute(update(Job).where(Job.id == ctx.job_id).values(runtime=runtime))
+                ctx.audit(s, f"environment.{state}", {"environment": spec.key, **detail})
+            ctx.published()
+
+        self.env_python = str(ctx.process.environments.ensure(spec, on_build))
+
     # ------------------------------------------------------------- runners
     def _spec(self) -> RunnerSpec:
         info = self.plan.bundle
@@ -205,6 +238,8 @@ class JobRun:
             project_id=info.project_id,
             helpers_digest=info.digest if info.helpers else None,
             sqlite_files=files,
+            env_key=self.env.key if self.env else None,
+            env_python=self.env_python,
         )
 
     def _is_sqlite(self) -> bool:
@@ -282,6 +317,7 @@ class JobRun:
                     "digest": info.digest,
                     "versions_path": info.versions_path,
                     "helpers": info.helpers,
+                    "python_path": list(info.python_path),
                 },
                 "connect": {
                     "attempts": config.connect_attempts,
@@ -289,12 +325,22 @@ class JobRun:
                     "timeout_s": config.connect_timeout_s,
                 },
                 "lock_wait_timeout_s": config.lock_wait_timeout_s,
+                # The project's variables for its revisions, its secrets decrypted
+                # for this runner only (settings.env and secret_env).
+                "env": self._job_env(),
                 "memory_mb": config.runner_memory_mb,
                 "sqlite_journal": "truncate"
                 if self.sandbox.mode == "bwrap" and self._is_sqlite()
                 else None,
             },
         }
+
+    def _job_env(self) -> dict[str, str]:
+        env = dict(self.ctx.settings.get("env") or {})
+        box = self.ctx.process.box
+        for name, token in self.plan.secret_env.items():
+            env[name] = box.decrypt(token)
+        return env
 
     def _recv(self, timeout: float | None) -> dict[str, Any] | None:
         assert self.runner is not None
@@ -414,7 +460,20 @@ class JobRun:
             noop=self.locked.get("noop") is True,
             shas=self.plan.bundle.sha_by_revision,
             sandbox=self.sandbox.mode,
+            runtime=self._runtime(),
         )
+
+    def _runtime(self) -> dict[str, Any] | None:
+        """What runs the revisions: the environment and its versions (the runner says)."""
+        if self.runner is None:
+            return None
+        versions = self.runner.versions
+        return {
+            "environment": self.env.key if self.env else None,
+            "python": versions.get("python"),
+            "sqlalchemy": versions.get("sqlalchemy"),
+            "alembic": versions.get("alembic"),
+        }
 
     def _max_duration(self) -> float:
         value = self.ctx.settings.get("max_duration_s")

@@ -70,6 +70,7 @@ QUEUED_JOB = (
         Project.id.label("project_id"),
         Project.name.label("project"),
         Project.settings,
+        Project.secret_env,
     )
     .join(Database.__table__, Database.id == _jobs.c.database_id)
     .join(Project.__table__, Project.id == _jobs.c.project_id)
@@ -84,6 +85,7 @@ def _start_stmt(set_started: bool, set_from: bool) -> sa.Update:
         "state": "running",
         "lock_waited_ms": _jobs.c.lock_waited_ms + bindparam("waited", type_=sa.Integer),
         "sandbox": bindparam("v_sandbox", type_=_jobs.c.sandbox.type),
+        "runtime": bindparam("v_runtime", type_=_jobs.c.runtime.type),
     }
     if set_started:
         values["started_at"] = bindparam("v_started_at", type_=_jobs.c.started_at.type)
@@ -116,6 +118,7 @@ def start_job(
     noop: bool,
     shas: dict[str, str],
     sandbox: str,
+    runtime: dict[str, Any] | None = None,
 ) -> Started | None:
     """Mark the job running (a no-op one: succeeded) in the caller's fenced transaction.
 
@@ -129,6 +132,7 @@ def start_job(
         "v_started_at": utcnow(),
         "v_from_heads": heads,
         "v_sandbox": sandbox,
+        "v_runtime": runtime,
     }
     if not s.connection().execute(stmt, params).rowcount:
         return None
@@ -137,6 +141,8 @@ def start_job(
         "current_heads": heads,
         "sandbox": sandbox,
     }
+    if runtime:
+        data["runtime"] = runtime
     if resumed:
         data["attempt"] = attempt
     ctx.audit(s, "job.resumed" if resumed else "job.started", data)
