@@ -18,6 +18,51 @@ from tests.helpers import register_db, revision, run_job, setup_project, tables
 ENUM_EXT = "alembic-postgresql-enum==1.11.0"
 
 
+PLAIN_ENV_PY = """\
+from alembic import context
+from sqlalchemy import create_engine
+
+url = context.config.get_main_option("sqlalchemy.url")
+with create_engine(url).connect() as connection:
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+"""
+
+
+def plain_alembic(env_python: str, files: dict[str, str], url: str, workdir) -> None:
+    """`alembic upgrade head` of the same chain, with the same environment's interpreter."""
+    import subprocess
+
+    workdir.mkdir()
+    for name, text in files.items():
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_text(text)
+    (workdir / "env.py").write_text(PLAIN_ENV_PY)
+    (workdir / "script.py.mako").write_text("")
+    ini = workdir / "alembic.ini"
+    ini.write_text(f"[alembic]\nscript_location = {workdir}\nsqlalchemy.url = {url}\n")
+    out = subprocess.run(
+        [env_python, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def schema(url: str) -> dict[str, list[tuple[str, str]]]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        inspector = sa.inspect(engine)
+        return {
+            t: [(col["name"], str(col["type"])) for col in inspector.get_columns(t)]
+            for t in sorted(inspector.get_table_names())
+        }
+    finally:
+        engine.dispose()
+
+
 def _events(c, job_id: int) -> list[dict]:
     return c.get(f"/v1/audit?job={job_id}&limit=1000").body["events"][::-1]
 
@@ -48,7 +93,7 @@ def test_a_chain_that_needs_an_alembic_extension_runs_in_its_environment(prod, n
     assert len(building) <= 1, building
 
 
-def test_a_chain_written_for_sqlalchemy_1_4_runs_with_sqlalchemy_lt_2(prod, new_db):
+def test_a_chain_written_for_sqlalchemy_1_4_runs_with_sqlalchemy_lt_2(prod, new_db, tmp_path):
     c = prod.client
     # SQLAlchemy 1.4 style: a plain string to Connection.execute (2.x refuses it).
     body = (
@@ -57,14 +102,22 @@ def test_a_chain_written_for_sqlalchemy_1_4_runs_with_sqlalchemy_lt_2(prod, new_
         "conn.execute(\"INSERT INTO legacy (id, name) VALUES (1, 'one')\")"
     )
     # Both old ends of the documented range: SQLAlchemy 1.4 and Alembic 1.12.
+    files = {"versions/l1.py": revision("l1", None, body)}
     project, _ = setup_project(
         c,
-        {"versions/l1.py": revision("l1", None, body)},
+        files,
         settings={"requirements": ["sqlalchemy>=1.4,<2", "alembic==1.12.1", "psycopg2-binary"]},
     )
     for dialect in ("postgresql", "sqlite"):
         url = new_db(dialect)
         job = run_job(c, register_db(c, project, url), timeout=300)
+        assert job["state"] == "succeeded", job
+        # The same chain through plain Alembic, in the same environment: the same schema.
+        env_python = prod.log_dir / "envs" / job["runtime"]["environment"] / "bin" / "python"
+        plain = new_db(dialect)
+        plain_url = plain.replace("postgresql+psycopg://", "postgresql+psycopg2://")
+        plain_alembic(str(env_python), files, plain_url, tmp_path / f"plain-{dialect}")
+        assert schema(url) == schema(plain), (schema(url), schema(plain))
         assert job["state"] == "succeeded", job
         assert job["runtime"]["sqlalchemy"].startswith("1.4."), job["runtime"]
         assert job["runtime"]["alembic"] == "1.12.1", job["runtime"]
