@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 from tests.faults.conftest import _wait, applied_log, held_database, start_job
@@ -145,3 +146,34 @@ def test_an_admin_ends_a_job_whose_worker_died_holding_the_lease(stack, new_db, 
     again = c.wait_job(start_job(c, db), timeout=60)
     assert again["state"] == "succeeded", again
     assert applied_log(url) == ["r1", "r2", "r3"]
+
+
+def test_a_job_stopped_past_its_grace_while_a_waiter_takes_over_keeps_only_its_own_steps(
+    stack, new_db, tmp_path
+):
+    """Issue 15, item 3: SIGTERM past the grace hands X over; Y takes the lease and applies
+    r2 and r3; X's next attempt finds them applied and never credits itself with them."""
+    s = stack(shutdown_grace_s=2)
+    c = s.client
+    hold, url, db, x = _held_job(c, new_db, tmp_path)
+    y_id = start_job(c, db)
+    _wait(lambda: c.get(f"/v1/jobs/{y_id}").body["state"] == "waiting_for_lock", 30, "Y waits")
+    name, _ = s.worker_of(x)
+    s.workers[name].send_signal(signal.SIGTERM)
+    assert s.workers[name].wait(timeout=30) == 0
+    # X's runner was stopped at the gate (r2 rolled back, the target's lock freed):
+    # Y, with the lease now, reaches the same gate.
+    hold.wait_entered(2)
+    hold.open()
+    y = c.wait_job(y_id, timeout=60)
+    assert y["state"] == "succeeded", y
+    done = c.wait_job(x["id"], timeout=60)
+    assert done["state"] == "succeeded" and done["attempt"] == 2, done
+    handed = [e for e in _events(c, x["id"]) if e["action"] == "job.recovering"]
+    assert handed and handed[0]["data"]["code"] == "worker_shutdown"
+    assert applied_log(url) == ["r1", "r2", "r3"]
+    by_rev = _ups_by_revision(c, db)
+    assert by_rev == {"r1": [x["id"]], "r2": [y_id], "r3": [y_id]}, by_rev
+    assert [st["revisions"] for st in done["steps"] if st["direction"] == "up"] == [["r1"]]
+    assert hold.times_entered() == 2  # X once (rolled back), Y once
+    assert c.get("/v1/audit/verify").body["ok"] is True
