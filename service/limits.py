@@ -61,6 +61,11 @@ DRAIN_MAX_BYTES = 1024 * 1024
 # A read begun after the body's deadline may still wait this long (for bytes
 # already on their way); it is never a reason to wait for a slow client.
 LATE_READ_S = 0.05
+# The shortest socket timeout a read is given. A thread that runs late (a loaded
+# machine) may find its read's time already spent: settimeout() refuses a
+# negative value (ValueError, which would be a 500), and 0 would make the
+# socket non-blocking; a tiny timeout still returns what has arrived.
+MIN_READ_TIMEOUT_S = 0.001
 # Sources whose refusals one process tracks at once; refusals from further
 # sources share one count, under this source.
 MAX_SOURCES = 1024
@@ -263,7 +268,7 @@ class _Body:
         sock, watch, prior = self._sock, None, None
         if sock is not None:
             prior = sock.gettimeout()
-            sock.settimeout(until - time.monotonic())
+            sock.settimeout(max(until - time.monotonic(), MIN_READ_TIMEOUT_S))
             watch = self._watchdog.watch(sock, until)
         elif time.monotonic() >= self._deadline:
             self._time_out()
@@ -408,13 +413,20 @@ class RefusalAggregator:
     forgotten, and at most MAX_SOURCES are tracked: refusals from sources
     beyond those share one count (source "*"). A source's events add up to
     its refused writes. `total` counts every unauthenticated refusal (reads
-    too) of this process; each record's log line reports it.
+    too) of this process; each record's log line reports it. Windows are
+    measured on `clock` (monotonic seconds; a test may pass its own).
     """
 
-    def __init__(self, window_s: float, write: Callable[[dict[str, Any]], None]):
+    def __init__(
+        self,
+        window_s: float,
+        write: Callable[[dict[str, Any]], None],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.window_s = window_s
         self.total = 0
         self._write = write
+        self._clock = clock
         self._cond = threading.Condition()
         self._sources: dict[str, _Source] = {}
         self._thread: threading.Thread | None = None
@@ -434,7 +446,7 @@ class RefusalAggregator:
                 entry.pending += 1
                 entry.first = entry.first or event
                 return
-            self._sources[source] = _Source(time.monotonic() + self.window_s)
+            self._sources[source] = _Source(self._clock() + self.window_s)
             self._ensure_thread()
             self._cond.notify()
         self._record(source, 1, event)
@@ -460,7 +472,7 @@ class RefusalAggregator:
         while True:
             due = []
             with self._cond:
-                now = time.monotonic()
+                now = self._clock()
                 for source, entry in list(self._sources.items()):
                     if entry.until > now:
                         continue
