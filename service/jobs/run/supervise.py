@@ -8,6 +8,7 @@ when the runner finishes, fails, dies or runs past its time.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 from service import targets
 from service.audit.ops import record_event
 from service.databases.models import Database
-from service.db import transaction
+from service.db import transaction, utcnow
 from service.jobs.models import Job
 from service.jobs.run import endings
 from service.jobs.run import lease as leasing
@@ -221,8 +222,18 @@ class JobRun:
         def on_build(state: str, detail: dict[str, Any]) -> None:
             # The job says so while it waits (its runtime and an audit event).
             runtime = {"environment": spec.key, "state": state, **detail}
+            # The job is still queued while its environment builds: marked handed
+            # over until the build's time is up, so the sweeper does not send it
+            # again to another worker that would only wait for the same build.
+            until = utcnow() + dt.timedelta(
+                seconds=self.config.env_build_timeout_s if state == "building" else 0
+            )
             with transaction(ctx.sessions) as s:
-                s.execute(update(Job).where(Job.id == ctx.job_id).values(runtime=runtime))
+                s.execute(
+                    update(Job)
+                    .where(Job.id == ctx.job_id, Job.state == "queued")
+                    .values(runtime=runtime, dispatched_at=until)
+                )
                 ctx.audit(s, f"environment.{state}", {"environment": spec.key, **detail})
             ctx.published()
 
