@@ -289,27 +289,31 @@ class RetortClient:
             self.answered = True
             return reply
         except urllib.error.HTTPError as exc:
-            headers = dict(exc.headers or {})
-            try:
-                body = _decode(exc.read())
-            except (OSError, http.client.HTTPException):
-                body = None
-            if exc.code == 304:  # Not Modified: the answer to If-None-Match, not an error
-                self.answered = True
-                return Reply(304, None, headers)
-            if 300 <= exc.code < 400:
-                raise ApiError(exc.code, self._redirect(req, exc.code, headers), headers) from None
-            if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
-                # Not Retort's answer (a proxy's, say): wrap it in the same error shape.
-                message = f"HTTP {exc.code} {exc.reason} from {self.base}"
-                body = {"error": {"code": f"http_{exc.code}", "message": message, "details": {}}}
-            raise ApiError(exc.code, body, headers) from None
+            return self._http_error(req, exc)
         except urllib.error.URLError as exc:
             raise Unreachable(f"cannot reach Retort at {self.base}: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, bad responses
             raise Unreachable(
                 f"cannot reach Retort at {self.base}: {type(exc).__name__}: {exc}"
             ) from None
+
+    def _http_error(self, req: urllib.request.Request, exc: urllib.error.HTTPError) -> Reply:
+        """A 304 as its Reply; any other status as ApiError with Retort's error document."""
+        headers = dict(exc.headers or {})
+        try:
+            body = _decode(exc.read())
+        except (OSError, http.client.HTTPException):
+            body = None
+        if exc.code == 304:  # Not Modified: the answer to If-None-Match, not an error
+            self.answered = True
+            return Reply(304, None, headers)
+        if 300 <= exc.code < 400:
+            raise ApiError(exc.code, self._redirect(req, exc.code, headers), headers) from None
+        if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+            # Not Retort's answer (a proxy's, say): wrap it in the same error shape.
+            message = f"HTTP {exc.code} {exc.reason} from {self.base}"
+            body = {"error": {"code": f"http_{exc.code}", "message": message, "details": {}}}
+        raise ApiError(exc.code, body, headers) from None
 
     def _redirect(self, req: urllib.request.Request, status: int, headers: dict[str, str]) -> Any:
         """The error document for a redirect, which is never followed."""
@@ -340,14 +344,15 @@ class RetortClient:
                     out.write(chunk)
                     size += len(chunk)
                 return size
-        except urllib.error.HTTPError:
-            pass
+        except urllib.error.HTTPError as exc:
+            self._http_error(req, exc)
+            raise Unreachable(
+                f"{req.full_url} answered 304 to a request without a validator"
+            ) from None
         except urllib.error.URLError as exc:
             raise Unreachable(f"cannot reach Retort at {self.base}: {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(f"cannot reach Retort at {self.base}: {exc}") from None
-        self._send(req, timeout)  # the error again, as Retort's error document
-        raise Unreachable(f"{req.full_url} failed and then did not")
 
     # ------------------------------------------------------------ the API
 
@@ -527,20 +532,7 @@ def pack_scripts(directory: Path) -> bytes:
             f"{directory}: neither an Alembic directory (env.py and versions/) nor a versions "
             "directory (*.py revision scripts)"
         )
-    files = sorted(_walk(directory))
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for rel in files:
-                data = (directory / rel).read_bytes()
-                info = tarfile.TarInfo(prefix + rel)
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return _tar_gz({prefix + rel: (directory / rel).read_bytes() for rel in _walk(directory)})
 
 
 @dataclass

@@ -173,8 +173,8 @@ class Config:
             data_dir=data_dir,
             admin_token=admin_token,
             # Comma-separated: the first key encrypts, every key decrypts (rotation).
-            secret_keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
-            audit_keys=tuple(k.strip() for k in audit.split(",") if k.strip()),
+            secret_keys=_key_list(keys),
+            audit_keys=_key_list(audit),
             port=port,
             **extra,
         )
@@ -216,6 +216,11 @@ class Config:
                 env["RETORT_" + f.name.upper()] = str(getattr(self, f.name))
         env["RETORT_SQLITE_ROOTS"] = os.pathsep.join(self.sqlite_roots)
         return env
+
+
+def _key_list(raw: str) -> tuple[str, ...]:
+    """Comma-separated keys: the first encrypts (or extends the chain), every one verifies."""
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
 def _sqlite_roots(raw: str | None, data_dir: Path) -> tuple[str, ...]:

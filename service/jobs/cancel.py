@@ -100,23 +100,19 @@ def _end_abandoned(session: Session, job: Job, db: Database, project: Project, a
     ).rowcount
     if not ended:  # it ended on its own meanwhile
         return
-    if holds:
+
+    def audit(event: str, data: dict) -> None:
         record_event(
             session,
-            "lease.unlocked",
+            event,
             actor=actor,
             project=project.name,
             database=db.name,
             job_id=job.id,
-            fencing_token=job.fencing_token,
-            data={"job": job.id, "fencing_token": job.fencing_token},
+            fencing_token=job.fencing_token if event == "lease.unlocked" else None,
+            data=data,
         )
-    record_event(
-        session,
-        "job.failed",
-        actor=actor,
-        project=project.name,
-        database=db.name,
-        job_id=job.id,
-        data={"code": "abandoned"},
-    )
+
+    if holds:
+        audit("lease.unlocked", {"job": job.id, "fencing_token": job.fencing_token})
+    audit("job.failed", {"code": "abandoned"})
