@@ -267,3 +267,36 @@ def test_two_processes_needing_one_new_environment_build_it_once(tmp_path):
     assert len(pythons) == 2 and pythons[0] == pythons[1], pythons
     assert [state for _, state in seen].count("built") == 1, seen
     assert time.monotonic() - started < 200
+
+
+def test_a_source_distribution_is_refused_and_its_setup_code_never_runs(tmp_path):
+    """Building an sdist would run tenant-chosen code in the worker, outside the sandbox."""
+    import io
+    import tarfile
+
+    import pytest
+
+    from service.config import Config
+    from service.jobs.run.environments import EnvironmentFailed, Environments, spec_for
+
+    marker = tmp_path / "setup-ran"
+    setup = (
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from setuptools import setup\n"
+        "setup(name='sdistonly', version='1.0')\n"
+    )
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with tarfile.open(wheels / "sdistonly-1.0.tar.gz", "w:gz") as tar:
+        for name, text in {"sdistonly-1.0/setup.py": setup, "sdistonly-1.0/PKG-INFO": ""}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    config = Config(
+        "sqlite://", "redis://x", tmp_path / "data", "x", ("k",),
+        env_find_links=str(wheels),
+    )  # fmt: skip
+    spec = spec_for({"requirements": ["sdistonly==1.0"]}, None)
+    with pytest.raises(EnvironmentFailed, match="pip could not install"):
+        Environments(config).ensure(spec)
+    assert not marker.exists(), "the sdist's setup.py ran in the worker"

@@ -143,7 +143,17 @@ class Environments:
     # ------------------------------------------------------------- building
     def _pip_options(self) -> list[str]:
         c = self.config
-        options = ["--no-input", "--disable-pip-version-check", "--progress-bar", "off"]
+        # Wheels only: building a source distribution runs its setup code here,
+        # in the worker's process and with its authority, outside the sandbox.
+        # A wheel's install copies files; its code runs only in the runner.
+        options = [
+            "--no-input",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "--only-binary",
+            ":all:",
+        ]
         if c.env_index_url:
             options += ["--index-url", c.env_index_url]
         if c.env_extra_index_url:
