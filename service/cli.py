@@ -344,9 +344,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 from service.audit_cli import register as register_audit  # noqa: E402
 from service.client_cli import register  # noqa: E402
+from service.safety_cli import register as register_safety  # noqa: E402
 
 register(main)
 register_audit(main)
+register_safety(main)
 
 if __name__ == "__main__":
     main()

@@ -7,134 +7,31 @@ pipeline can act on the outcome.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
 from service.bundles.notices import scan as scan_notices
+from service.cli_base import EXIT_CODES_HELP, Cli, api_command  # noqa: F401 - re-exported
 from service.client import (
-    DEFAULT_URL,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
     FINAL_STATES,
-    ApiError,
-    InvalidInput,
-    PackError,
-    RetortClient,
-    Unreachable,
     WaitTimeout,
     check_idempotency_key,
-    default_token,
     job_exit_code,
     pack_checkout,
     pack_scripts,
     segment,
 )
-
-# `\b` keeps click from re-wrapping the table.
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0  succeeded, or nothing to do
-  1  the migration failed (job failed or cancelled)
-  2  usage or request error (also a redirect: use its URL)
-  3  refused by a safety check, or waiting for approval
-  4  timed out waiting (the job goes on)
-  5  cannot reach Retort, authentication failed, or an unexpected error"""
-
-
-@dataclass
-class Cli:
-    """What every pipeline command gets: the API client and the output mode."""
-
-    api: RetortClient
-    as_json: bool
-
-    def echo(self, text: str = "") -> None:
-        """Print human output (nothing in --json mode, where stdout is one document)."""
-        if not self.as_json:
-            click.echo(text)
-
-    def document(self, doc: Any) -> None:
-        """Print the one JSON document of --json mode (or an error document)."""
-        click.echo(json.dumps(doc, indent=2))
-
-
-def api_command(group: click.Group, name: str) -> Callable[[Callable[..., int]], click.Command]:
-    """Declare a pipeline command: shared --url/--token/--json, errors turned into exit codes."""
-
-    def decorate(func: Callable[..., int]) -> click.Command:
-        @functools.wraps(func)
-        def run(url: str, token: str | None, as_json: bool, **kwargs: Any) -> None:
-            for stream in (sys.stdout, sys.stderr):
-                # A non-UTF-8 terminal must not turn an arrow into a traceback.
-                if hasattr(stream, "reconfigure"):
-                    stream.reconfigure(errors="replace")
-            try:
-                # A token read from a file (a Kubernetes secret) often ends with a newline.
-                token = (token or "").strip() or default_token()
-                cli = Cli(RetortClient(url, token), as_json)
-                code = func(cli, **kwargs)
-            except (ApiError, Unreachable, InvalidInput) as exc:
-                if as_json:
-                    click.echo(json.dumps(exc.document, indent=2))
-                else:
-                    auth = isinstance(exc, ApiError) and exc.status in (401, 403)
-                    hint = "; set RETORT_TOKEN or --token" if auth else ""
-                    click.echo(f"error: {exc}{hint}", err=True)
-                code = exc.exit_code
-            except PackError as exc:
-                click.echo(f"error: {exc}", err=True)
-                code = EXIT_USAGE
-            except KeyboardInterrupt:
-                click.echo("\ninterrupted; a job already requested goes on", err=True)
-                code = 130  # the shell's convention for SIGINT
-            except (click.ClickException, click.exceptions.Exit, click.Abort):
-                raise  # click's own: usage errors print the usage and exit 2
-            except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback
-                # Never 1, which tells the pipeline the migration failed: nothing
-                # here says so. 5 is "could not get a usable answer from Retort".
-                message = f"unexpected {type(exc).__name__}: {exc}"
-                if as_json:
-                    doc = {"error": {"code": "unexpected", "message": message, "details": {}}}
-                    click.echo(json.dumps(doc, indent=2))
-                else:
-                    click.echo(f"error: {message}", err=True)
-                code = EXIT_UNAVAILABLE
-            raise click.exceptions.Exit(code)
-
-        command = group.command(name, epilog=EXIT_CODES_HELP)(run)
-        # Appended after the command's own parameters so they come last in --help.
-        command.params += [
-            click.Option(
-                ["--url"],
-                envvar="RETORT_URL",
-                default=DEFAULT_URL,
-                show_default=True,
-                help="Retort's base URL (env RETORT_URL).",
-            ),
-            click.Option(
-                ["--token"],
-                envvar="RETORT_TOKEN",
-                help="Bearer token (env RETORT_TOKEN; else ./retort-data/admin-token).",
-            ),
-            click.Option(["--json", "as_json"], is_flag=True, help="Print one JSON document."),
-        ]
-        return command
-
-    return decorate
+from service.safety_cli import request_plan, show_findings
 
 
 def register(main: click.Group) -> None:
@@ -208,6 +105,20 @@ def register(main: click.Group) -> None:
         "--no-coalesce", is_flag=True, help="Never attach to an identical job already queued."
     )
     @click.option("--idempotency-key", help="Reuse a key to make a re-run return the same job.")
+    @click.option(
+        "--plan",
+        "dry_run",
+        is_flag=True,
+        help="Only show what it would run (as `retort plan`); change nothing.",
+    )
+    @click.option(
+        "--allow",
+        "allow",
+        metavar="CODE",
+        multiple=True,
+        help="Accept this lint code although the policy blocks it (audited); repeat it or "
+        "separate with commas.",
+    )
     def migrate(
         cli: Cli,
         database: str,
@@ -220,12 +131,22 @@ def register(main: click.Group) -> None:
         timeout: float | None,
         no_coalesce: bool,
         idempotency_key: str | None,
+        dry_run: bool,
+        allow: tuple[str, ...],
     ) -> int:
         """Ask for a migration of DATABASE (an upgrade to head unless told otherwise).
 
         Without --wait, print the job and exit 0 at once; with --wait, follow it
-        like `retort wait` and exit by its outcome.
+        like `retort wait` and exit by its outcome. A job the lint holds for an
+        approval exits 3 at once with its findings (`retort wait JOB` waits on
+        through the approval).
         """
+        if action == "downgrade" and target == "head":
+            raise click.UsageError("a downgrade needs --to (a revision, base or -N)")
+        if dry_run:
+            if scripts or allow:
+                raise click.UsageError("--plan goes without --scripts and --allow")
+            return request_plan(cli, database, action, target, "auto", bundle, timeout)
         if scripts and bundle:
             raise click.UsageError("give --bundle or --scripts, not both")
         if project and not scripts:
@@ -243,6 +164,9 @@ def register(main: click.Group) -> None:
             body["bundle"] = bundle
         if no_coalesce:
             body["coalesce"] = False
+        codes = sorted({c.strip() for a in allow for c in a.split(",") if c.strip()})
+        if codes:
+            body["allow"] = codes
         # One key for this request and every retry of it: a retried POST never makes
         # a second job.
         job, replayed = cli.api.create_job(body, idempotency_key or str(uuid.uuid4()))
@@ -252,7 +176,7 @@ def register(main: click.Group) -> None:
         elif job.get("coalesced_into"):
             cli.echo(f"attached to job {job_id}, already queued for the same migration")
         if wait:
-            return _wait(cli, job_id, timeout)
+            return _wait(cli, job_id, timeout, stop_for_approval=True)
         if cli.as_json:
             cli.document(job)
         else:
@@ -500,13 +424,24 @@ def _push(
     return {**bundle, "notices": notices, "created": created}
 
 
-def _wait(cli: Cli, job_id: int, timeout: float | None) -> int:
-    """Follow a job to its end; print its progress; return the exit code."""
+def _wait(cli: Cli, job_id: int, timeout: float | None, stop_for_approval: bool = False) -> int:
+    """Follow a job to its end; print its progress; return the exit code.
+
+    `stop_for_approval`: a job the lint parks ends the wait at once (exit 3,
+    with its findings), as a pipeline's deploy step needs.
+    """
     printer = JobPrinter(job_id, live=sys.stdout.isatty() and not cli.as_json, quiet=cli.as_json)
     job: dict[str, Any] | None = None
     try:
         for job in cli.api.watch_job(job_id, timeout, notify=printer.notice):
             printer.update(job)
+            if stop_for_approval and job["state"] == "waiting_for_approval":
+                printer.stop()
+                if cli.as_json:
+                    cli.document(job)
+                else:
+                    show_findings(job)
+                return EXIT_REFUSED
     except WaitTimeout as exc:
         printer.stop()
         job = exc.job or job

@@ -126,6 +126,20 @@ class Config:
     # a copy outside Retort's machines, for the operator's own receiver.
     audit_checkpoint_webhook_url: str = ""
     audit_checkpoint_webhook_secret: str = ""
+    # Plans in the rolled-back mode (PostgreSQL) take real locks: each waits at
+    # most this long for one, then the plan fails saying which table.
+    plan_lock_timeout_ms: int = 2000
+    # Drift checks build the bundle's schema in a throwaway database on these
+    # servers (credentials that may CREATE DATABASE); empty: the target's own
+    # server, with the target's credentials. SQLite: a temporary file.
+    drift_scratch_url_postgresql: str = ""
+    drift_scratch_url_mysql: str = ""
+    # The lint renders an upgrade's SQL by running its revisions offline: past
+    # this many seconds (a revision busy in its own code) it gives up and says
+    # so (an `unparsed_statement` finding) instead of holding the job.
+    lint_render_timeout_s: float = 10.0
+    # How often the sweeper looks for databases whose project's drift check is due.
+    drift_sweep_interval_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Config:
@@ -178,6 +192,14 @@ class Config:
             port=port,
             **extra,
         )
+
+    def drift_scratch_url(self, dialect: str) -> str | None:
+        """The scratch server a drift check of this dialect builds on (None: the target's)."""
+        if dialect == "postgresql":
+            return self.drift_scratch_url_postgresql or None
+        if dialect == "mysql":
+            return self.drift_scratch_url_mysql or None
+        return None
 
     @property
     def embedded_broker(self) -> bool:

@@ -137,6 +137,8 @@ def _base_env(data_dir: Path) -> dict[str, str]:
             "RETORT_LOCK_WAIT_TIMEOUT_S": "120",
             "RETORT_SWEEP_INTERVAL_S": "1",
             "RETORT_AUDIT_CHECKPOINT_INTERVAL_S": "2",
+            "RETORT_DRIFT_SWEEP_INTERVAL_S": "1",
+            "RETORT_LINT_RENDER_TIMEOUT_S": "2",
             "RETORT_REDISPATCH_AFTER_S": "3",
             "RETORT_WEBHOOK_BACKOFF_S": "0.5",
             "RETORT_WEBHOOK_BACKOFF_MAX_S": "2",

@@ -23,6 +23,7 @@ from service.config import Config
 from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction, utcnow
 from service.idempotency.ops import purge_expired
 from service.jobs import sweeper
+from service.jobs.ops import due_drift_checks
 from service.queue import Dispatcher
 from service.webhooks import outbox
 from service.webhooks.delivery import deliveries_to_resend, post_signed
@@ -43,6 +44,7 @@ class Sweeper:
         self._dispatcher = dispatcher
         self._signing_key = checkpoints.load_signing_key(config.audit_signing_key_path)
         self._checkpoint_at = 0.0
+        self._drift_at = 0.0
 
     def checkpoint(self) -> dict | None:
         """Sign the audit chain's head and copy it out of the database, if it grew."""
@@ -87,6 +89,13 @@ class Sweeper:
             self._dispatcher.send_delivery(delivery_id)
         with transaction(self._sessions) as s:
             purged = purge_expired(s, config.idempotency_ttl_s)
+        drift: list[int] = []
+        if time.monotonic() - self._drift_at >= config.drift_sweep_interval_s:
+            with transaction(self._sessions) as s:
+                drift = due_drift_checks(s)
+            for job_id in drift:
+                self._dispatcher.send_job(job_id)
+            self._drift_at = time.monotonic()
         if time.monotonic() - self._checkpoint_at >= config.audit_checkpoint_interval_s:
             self.checkpoint()
             self._checkpoint_at = time.monotonic()
@@ -100,7 +109,13 @@ class Sweeper:
                 " (the broker lost its messages)" if broker_lost and sent else "",
                 deliveries,
             )
-        return {**handed, "redispatched": sent, "deliveries": deliveries, "purged": purged}
+        return {
+            **handed,
+            "redispatched": sent,
+            "deliveries": deliveries,
+            "purged": purged,
+            "drift_checks": drift,
+        }
 
     def run(self, stop: threading.Event) -> None:
         """Sweep every `sweep_interval_s` (from one start to the next) until `stop`.

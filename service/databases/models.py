@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import DateTime, ForeignKey, String, Text
+from sqlalchemy import Boolean, DateTime, ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base, utcnow
@@ -21,6 +21,12 @@ class Database(Base):
     url_masked: Mapped[str] = mapped_column(Text)
     tags: Mapped[dict] = mapped_column(default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The newest drift check (a job of kind "drift"): when, and what it found.
+    drift_checked_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), default=None
+    )
+    drifted: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    drift_job_id: Mapped[int | None] = mapped_column(default=None)
 
 
 class AppliedRevision(Base):

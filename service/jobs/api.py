@@ -18,22 +18,27 @@ from service.app import (
 )
 from service.db import autocommit, transaction
 from service.errors import ServiceError
+from service.jobs.approvals import decide
 from service.jobs.cache import CachedJob
 from service.jobs.cancel import cancel_job
 from service.jobs.models import FINAL_STATES
 from service.jobs.ops import (
     check_visible,
+    create_drift_check,
     create_job,
     job_etag,
+    latest_drift,
     list_history,
     list_jobs,
     read_job,
     undispatched,
 )
 from service.jobs.schemas import (
+    DriftOut,
     HistoryList,
     HistoryPage,
     JobCreate,
+    JobDecision,
     JobList,
     JobOut,
     JobPage,
@@ -83,18 +88,7 @@ def post_job():
     resource, status, replayed = idempotent("POST /v1/jobs", body.model_dump(mode="json"), create)
     job_id = int(resource)
     if not outcome["coalesced"] and not replayed:
-        # Sent after the commit: a worker must find the row. The row says it
-        # was handed over; if the broker is down that mark is cleared and the
-        # sweeper sends the job again within seconds.
-        try:
-            svc.dispatcher.send_job(job_id)
-        except Exception:  # noqa: BLE001
-            log.exception("could not send job %s to the broker; the sweeper will", job_id)
-            try:
-                with autocommit(svc.engine) as conn:
-                    undispatched(conn, job_id)
-            except Exception:  # noqa: BLE001 - then the sweeper's slower resend covers it
-                log.exception("could not mark job %s as not sent", job_id)
+        _send(svc, job_id)
     out = _read_job(svc, job_id, None) if replayed else outcome["job"]
     out["coalesced_into"] = job_id if outcome["coalesced"] else None
     headers = {"Location": url_for("jobs.show_job", job_id=job_id), "ETag": job_etag(out)}
@@ -244,6 +238,85 @@ def post_cancel(job_id: int):
     with transaction(services().sessions) as s:
         cancel_job(s, job_id, actor(), principal())
         return read_job(s, job_id)
+
+
+def _decide(job_id: int, decision: str):
+    require("deployer")
+    # The body is optional: {"comment": "..."} when there is one.
+    body = parse_json(JobDecision) if request.content_length or request.is_json else JobDecision()
+    svc = services()
+    with transaction(svc.sessions) as s:
+        decide(s, job_id, decision, principal(), body.comment)
+        out = read_job(s, job_id)
+    if decision == "approved":
+        _send(svc, job_id)
+    return out
+
+
+@bp.post("/jobs/<id:job_id>/approve")
+@operation(
+    "Approve a job's blocking lint findings: it goes back to the queue",
+    role="deployer",
+    body=JobDecision,
+    responses={200: JobOut},
+)
+def post_approve(job_id: int):
+    return _decide(job_id, "approved")
+
+
+@bp.post("/jobs/<id:job_id>/reject")
+@operation(
+    "Reject a job waiting for an approval: it is cancelled",
+    role="deployer",
+    body=JobDecision,
+    responses={200: JobOut},
+)
+def post_reject(job_id: int):
+    return _decide(job_id, "rejected")
+
+
+def _send(svc: Services, job_id: int) -> None:
+    """Hand a job to the broker after its commit: a worker must find the row.
+
+    The row says it was handed over; if the broker is down that mark is
+    cleared and the sweeper sends the job again within seconds.
+    """
+    try:
+        svc.dispatcher.send_job(job_id)
+    except Exception:  # noqa: BLE001
+        log.exception("could not send job %s to the broker; the sweeper will", job_id)
+        try:
+            with autocommit(svc.engine) as conn:
+                undispatched(conn, job_id)
+        except Exception:  # noqa: BLE001 - then the sweeper's slower resend covers it
+            log.exception("could not mark job %s as not sent", job_id)
+
+
+@bp.post("/databases/<name>/drift")
+@operation(
+    "Check a database for drift: compare its schema with what its bundle builds",
+    role="deployer",
+    responses={202: JobOut},
+)
+def post_drift(name: str):
+    require("deployer")
+    svc = services()
+    with transaction(svc.sessions) as s:
+        created = create_drift_check(s, name, actor(), principal())
+        job_id = created.job.id
+        out = created.document or read_job(s, job_id)
+    if not created.coalesced:
+        _send(svc, job_id)
+    out["coalesced_into"] = job_id if created.coalesced else None
+    headers = {"Location": url_for("jobs.show_job", job_id=job_id), "ETag": job_etag(out)}
+    return out, 202, headers
+
+
+@bp.get("/databases/<name>/drift")
+@operation("The newest drift check of a database", responses={200: DriftOut})
+def show_drift(name: str):
+    with transaction(services().sessions) as s:
+        return latest_drift(s, name, principal())
 
 
 @bp.get("/databases/<name>/history")

@@ -9,7 +9,7 @@ from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
 from service.errors import ConflictError
-from service.jobs.models import Job
+from service.jobs.models import WAITING_FOR_APPROVAL, Job
 from service.jobs.ops import get_job
 from service.locks import ops as leases
 from service.locks.models import Lease
@@ -29,7 +29,9 @@ def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None 
     job = get_job(session, job_id, who)
     done = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_(("queued", "waiting_for_lock")))
+        .where(
+            Job.id == job_id, Job.state.in_(("queued", "waiting_for_lock", WAITING_FOR_APPROVAL))
+        )
         .values(state="cancelled", finished_at=utcnow())
     ).rowcount
     db = session.get(Database, job.database_id)

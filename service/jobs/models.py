@@ -9,6 +9,10 @@ from service.db import Base, utcnow
 
 ACTIVE_STATES = ("queued", "waiting_for_lock", "running")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+# Parked: blocking lint findings wait for an approval (no lease, no worker held).
+WAITING_FOR_APPROVAL = "waiting_for_approval"
+# What a job does: apply revisions, show what they would run, or compare schemas.
+KINDS = ("migrate", "plan", "drift")
 
 
 class Job(Base):
@@ -24,6 +28,7 @@ class Job(Base):
     database_id: Mapped[int] = mapped_column(ForeignKey("databases.id"))
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     bundle_pk: Mapped[int] = mapped_column(ForeignKey("bundles.pk"))
+    kind: Mapped[str] = mapped_column(String(10), default="migrate", server_default="migrate")
     action: Mapped[str] = mapped_column(String(20))
     target: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(20), default="queued")
@@ -49,6 +54,15 @@ class Job(Base):
     sandbox: Mapped[str | None] = mapped_column(String(16), default=None)
     # What ran the job: {environment, python, sqlalchemy, alembic} (the runner says).
     runtime: Mapped[dict | None] = mapped_column(default=None)
+    # What the request asked besides action and target: plan_mode, allow (lint codes).
+    options: Mapped[dict | None] = mapped_column(default=None)
+    # A plan's or a drift check's answer (kind "plan" / "drift").
+    result: Mapped[dict | None] = mapped_column(default=None)
+    # The lint's findings when the job last looked at its database:
+    # {"blocking": [...], "warnings": [...], "allowed": [...]}.
+    findings: Mapped[dict | None] = mapped_column(default=None)
+    # {"decision": "approved"|"rejected", "by", "at", "codes"}: who decided on the findings.
+    approval: Mapped[dict | None] = mapped_column(default=None)
     requested_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)

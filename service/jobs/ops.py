@@ -90,6 +90,8 @@ def create_job(
     if bundle is None:
         bundle = get_bundle(session, project, ref)  # a digest, or the 404 of no bundle yet
     target = check_target(bundle, body.action, body.target)
+    kind = "plan" if body.dry_run else "migrate"
+    options = _options(body)
     if body.coalesce and not _RELATIVE.search(target):
         # Only the newest active job of the database: attaching to an older one
         # would report its outcome while a later job may undo it.
@@ -103,7 +105,8 @@ def create_job(
             newest
             if newest is not None
             and newest.state in ("queued", "waiting_for_lock")
-            and (newest.action, newest.target, newest.bundle_pk) == (body.action, target, bundle.pk)
+            and (newest.kind, newest.action, newest.target, newest.bundle_pk, newest.options)
+            == (kind, body.action, target, bundle.pk, options)
             else None
         )
         if pending is not None:
@@ -117,13 +120,42 @@ def create_job(
                 data={"action": body.action, "target": target, "bundle": bundle.digest},
             )
             return Created(pending, True, None)
+    return _insert(
+        session, db, project, bundle, kind, body.action, target, options, actor, dispatch
+    )
+
+
+def _options(body: JobCreate) -> dict[str, Any] | None:
+    """What a request asks besides action and target (None: nothing)."""
+    options: dict[str, Any] = {}
+    if body.dry_run:
+        options["plan_mode"] = body.plan_mode
+    if body.allow:
+        options["allow"] = body.allow
+    return options or None
+
+
+def _insert(
+    session: Session,
+    db: Database,
+    project: Project,
+    bundle: Bundle,
+    kind: str,
+    action: str,
+    target: str,
+    options: dict[str, Any] | None,
+    actor: str,
+    dispatch: bool,
+) -> Created:
     now = utcnow()
     job = Job(
         database_id=db.id,
         project_id=project.id,
         bundle_pk=bundle.pk,
-        action=body.action,
+        kind=kind,
+        action=action,
         target=target,
+        options=options,
         state="queued",
         attempt=1,
         requested_by=actor,
@@ -139,9 +171,43 @@ def create_job(
         project=project.name,
         database=db.name,
         job_id=job.id,
-        data={"action": job.action, "target": job.target, "bundle": bundle.digest},
+        data={
+            "kind": kind,
+            "action": job.action,
+            "target": job.target,
+            "bundle": bundle.digest,
+            **(options or {}),
+        },
     )
     return Created(job, False, _new_document(job, db.name, project.name, bundle.digest))
+
+
+def create_drift_check(
+    session: Session, database: str, actor: str, who: Principal | None = None
+) -> Created:
+    """Queue a drift check of a database at its current revision, with its project's
+    latest bundle (or attach to one still waiting to start)."""
+    row = session.execute(_REQUEST_LATEST, {"name": database}).first()
+    if row is not None and who is not None and not who.sees(row.Project.name):
+        row = None
+    if row is None:
+        raise NotFoundError(f"no database named {database!r}", {"database": database})
+    db, project, bundle = row.Database, row.Project, row.Bundle
+    if bundle is None:
+        bundle = get_bundle(session, project, "latest")  # the 404 of no bundle yet
+    pending = session.scalar(
+        select(Job)
+        .where(
+            Job.database_id == db.id,
+            Job.kind == "drift",
+            Job.state.in_(("queued", "waiting_for_lock")),
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
+    if pending is not None:
+        return Created(pending, True, None)
+    return _insert(session, db, project, bundle, "drift", "drift", "current", None, actor, True)
 
 
 def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[str, Any]:
@@ -151,6 +217,7 @@ def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[st
         "database": database,
         "project": project,
         "bundle": bundle,
+        "kind": job.kind,
         "action": job.action,
         "target": job.target,
         "state": job.state,
@@ -166,7 +233,33 @@ def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[st
         "created_at": iso(job.created_at),
         "started_at": None,
         "finished_at": None,
+        "findings": None,
+        "approval": None,
+        "options": job.options,
+        "result": None,
         "steps": [],
+    }
+
+
+def latest_drift(session: Session, database: str, who: Principal | None = None) -> dict[str, Any]:
+    """The newest finished drift check of a database, and one pending, if any."""
+    db = get_database(session, database, who)
+    result = None
+    if db.drift_job_id is not None:
+        result = session.scalar(select(Job.result).where(Job.id == db.drift_job_id))
+    pending = session.scalar(
+        select(Job.id)
+        .where(Job.database_id == db.id, Job.kind == "drift", Job.state.in_(ACTIVE_STATES))
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
+    return {
+        "database": db.name,
+        "checked_at": iso(db.drift_checked_at),
+        "drifted": db.drifted,
+        "job": db.drift_job_id,
+        "result": result,
+        "pending_job": pending,
     }
 
 
@@ -215,6 +308,8 @@ def list_jobs(
         query = query.where(_jobs.c.database_id == db.id)
     if params.state:
         query = query.where(_jobs.c.state == params.state)
+    if params.kind:
+        query = query.where(_jobs.c.kind == params.kind)
     if params.cursor:
         query = query.where(_jobs.c.id < decode_cursor(params.cursor))
     rows = session.execute(query.order_by(_jobs.c.id.desc()).limit(params.limit + 1)).all()
@@ -240,6 +335,7 @@ def _documents(*columns) -> Select:
             _databases.c.name.label("database"),
             _projects.c.name.label("project"),
             _bundles.c.digest.label("bundle"),
+            _jobs.c.kind,
             _jobs.c.action,
             _jobs.c.target,
             _jobs.c.state,
@@ -257,6 +353,10 @@ def _documents(*columns) -> Select:
             _jobs.c.started_at,
             _jobs.c.finished_at,
             _jobs.c.waiting_on_job_id,
+            _jobs.c.findings,
+            _jobs.c.approval,
+            _jobs.c.options,
+            _jobs.c.result,
             _leases.c.holder_job_id.label("lease_holder"),
             *columns,
         )
@@ -323,6 +423,7 @@ def _document(row: Row) -> dict[str, Any]:
         "database": row.database,
         "project": row.project,
         "bundle": row.bundle,
+        "kind": row.kind,
         "action": row.action,
         "target": row.target,
         "state": row.state,
@@ -341,6 +442,10 @@ def _document(row: Row) -> dict[str, Any]:
         "created_at": iso(row.created_at),
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),
+        "findings": row.findings,
+        "approval": row.approval,
+        "options": row.options,
+        "result": row.result,
     }
     if row.state == "waiting_for_lock":
         holder = row.waiting_on_job_id or row.lease_holder
@@ -402,3 +507,46 @@ def list_history(
 def job_etag(job: dict[str, Any]) -> str:
     """Name a job's visible progress: its state and how many steps it has recorded."""
     return progress_key(job["id"], job["state"], len(job.get("steps") or []))
+
+
+def due_drift_checks(session: Session, limit: int = 200) -> list[int]:
+    """Queue the drift checks that are due (project setting drift.check_interval_s).
+
+    A database is due when its newest check is older than its project's
+    interval (or it was never checked), it has a bundle, and no check of it is
+    pending. Returns the new jobs' ids, to send after the commit.
+    """
+    now = utcnow()
+    created: list[int] = []
+    projects = [
+        p
+        for p in session.scalars(select(Project))
+        if ((p.settings or {}).get("drift") or {}).get("check_interval_s")
+    ]
+    for project in projects:
+        interval = float(project.settings["drift"]["check_interval_s"])
+        pending = select(Job.id).where(
+            Job.database_id == Database.id, Job.kind == "drift", Job.state.in_(ACTIVE_STATES)
+        )
+        due = session.scalars(
+            select(Database.name)
+            .where(Database.project_id == project.id, ~pending.exists())
+            .order_by(Database.drift_checked_at.is_not(None), Database.drift_checked_at)
+            .limit(limit - len(created))
+        ).all()
+        for name in due:
+            db = session.scalar(select(Database).where(Database.name == name))
+            checked = db.drift_checked_at
+            if checked is not None and checked.tzinfo is None:
+                checked = checked.replace(tzinfo=now.tzinfo)
+            if checked is not None and (now - checked).total_seconds() < interval:
+                continue
+            try:
+                made = create_drift_check(session, name, "sweeper")
+            except NotFoundError:  # no bundle yet: nothing to compare with
+                continue
+            if not made.coalesced:
+                created.append(made.job.id)
+        if len(created) >= limit:
+            break
+    return created

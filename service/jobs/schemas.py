@@ -1,8 +1,15 @@
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from service.projects.schemas import Name, Out
 
@@ -16,6 +23,40 @@ class JobCreate(BaseModel):
     bundle: str | None = Field(default=None, max_length=64)
     # Attach to an identical job still waiting to start instead of queuing another.
     coalesce: bool = True
+    # A plan: show what the action would run (each step's SQL and the lint's
+    # findings) and change nothing (docs/plan.md).
+    dry_run: bool = False
+    # How a plan renders: auto (rolled_back on PostgreSQL, copy on SQLite,
+    # offline on MySQL/MariaDB), offline, rolled_back, copy.
+    plan_mode: Literal["auto", "offline", "rolled_back", "copy"] = "auto"
+    # Lint codes this request accepts although the policy blocks them (audited).
+    allow: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=50
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _known(cls, codes: list[str]) -> list[str]:
+        from service.lint import CODES
+
+        unknown = [c for c in codes if c not in CODES]
+        if unknown:
+            raise ValueError(f"unknown lint code(s): {', '.join(unknown)} (see docs/lint.md)")
+        return sorted(set(codes))
+
+    @model_validator(mode="after")
+    def _plan_mode(self) -> JobCreate:
+        if self.plan_mode != "auto" and not self.dry_run:
+            raise ValueError("plan_mode applies to a plan: send dry_run: true with it")
+        return self
+
+
+class JobDecision(BaseModel):
+    """An approval or rejection of a job waiting for one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    comment: str | None = Field(default=None, max_length=2000)
 
 
 class JobShow(BaseModel):
@@ -36,8 +77,18 @@ class JobList(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     database: str | None = None
+    kind: Literal["migrate", "plan", "drift"] | None = None
     state: (
-        Literal["queued", "waiting_for_lock", "running", "succeeded", "failed", "cancelled"] | None
+        Literal[
+            "queued",
+            "waiting_for_lock",
+            "waiting_for_approval",
+            "running",
+            "succeeded",
+            "failed",
+            "cancelled",
+        ]
+        | None
     ) = None
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
@@ -78,6 +129,8 @@ class JobOut(Out):
     database: str
     project: str
     bundle: str
+    # "migrate", "plan" (a dry run, dry_run: true) or "drift" (a drift check).
+    kind: str = "migrate"
     action: str
     target: str
     state: str
@@ -100,9 +153,30 @@ class JobOut(Out):
     created_at: str
     started_at: str | None
     finished_at: str | None
+    # The lint's findings of the job's look at its database, by the policy's
+    # action: {mode, blocking, allowed, warnings} (None: not linted).
+    findings: dict[str, Any] | None = None
+    # Who approved or rejected the blocking findings: {decision, by, at, codes, comment}.
+    approval: dict[str, Any] | None = None
+    # What the request asked besides action and target ({plan_mode, allow}).
+    options: dict[str, Any] | None = None
+    # A plan's answer (kind "plan") or a drift check's (kind "drift").
+    result: dict[str, Any] | None = None
     steps: list[StepOut] | None = None
     # On `POST /v1/jobs`: the id of the pending job this request attached to, if any.
     coalesced_into: int | None = None
+
+
+class DriftOut(Out):
+    database: str
+    # The newest drift check that finished (null: never checked).
+    checked_at: str | None
+    drifted: bool | None
+    job: int | None
+    # {drifted, heads, dialect, scratch, differences, operations, ignored}
+    result: dict[str, Any] | None
+    # A check queued or running now, if any.
+    pending_job: int | None = None
 
 
 class JobPage(Out):

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,49 @@ def check_env_names(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+LintAction = Literal["block", "warn", "off"]
+TagKey = Annotated[str, StringConstraints(pattern=r"^[^=\s]{1,100}=[^\s]{0,200}$")]
+
+
+class LintSettings(BaseModel):
+    """How the lint judges a project's upgrades (docs/lint.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Off: upgrades run without a look at their SQL (plans still lint).
+    enabled: bool = True
+    # Each code's action: block (wait for an approval), warn, off. Codes left
+    # out keep their default (docs/lint.md lists them).
+    policy: dict[str, LintAction] = Field(default_factory=dict, max_length=100)
+    # Per database tag, "key=value": stricter (or laxer) for those databases;
+    # applied after `policy`, in sorted key order (a later one wins).
+    by_tag: dict[TagKey, dict[str, LintAction]] = Field(default_factory=dict, max_length=50)
+    # Token names (besides admin tokens) that may approve this project's jobs.
+    approvers: list[Annotated[str, StringConstraints(max_length=100)]] = Field(
+        default_factory=list, max_length=100
+    )
+    # Whether a job's own requester may approve it.
+    self_approve: bool = False
+
+    @model_validator(mode="after")
+    def _known_codes(self) -> LintSettings:
+        from service.lint import resolve_policy
+
+        resolve_policy(self.policy, self.by_tag, {})  # ValueError names an unknown code
+        return self
+
+
+class DriftSettings(BaseModel):
+    """Drift checks of a project's databases (docs/drift.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Check every database of the project this often (null: only on request).
+    check_interval_s: float | None = Field(default=None, ge=60, le=30 * 24 * 3600)
+    # An upgrade of a database whose newest check found drift waits for an approval.
+    refuse_when_drifted: bool = False
+
+
 class ProjectSettings(BaseModel):
     """What a user's env.py would otherwise carry."""
 
@@ -52,6 +95,8 @@ class ProjectSettings(BaseModel):
     )
     # Environment variables set in the runner for this project's revisions.
     env: dict[EnvName, EnvValue] = Field(default_factory=dict, max_length=200)
+    lint: LintSettings = Field(default_factory=LintSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @field_validator("requirements")
     @classmethod

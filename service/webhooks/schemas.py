@@ -7,10 +7,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.projects.schemas import Out
 
 # Job events a project can subscribe to (the audit actions of the same name).
-EVENTS = ("job.started", "job.succeeded", "job.failed", "job.cancelled", "job.waiting_for_approval")
-Event = Literal[
-    "job.started", "job.succeeded", "job.failed", "job.cancelled", "job.waiting_for_approval"
-]
+EVENTS = (
+    "job.started",
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "job.waiting_for_approval",
+    "job.approved",
+    "job.rejected",
+    "database.drift_detected",
+)
+Event = Literal[EVENTS]  # type: ignore[valid-type] - the same names, written once
 
 
 class WebhookCreate(BaseModel):

@@ -485,7 +485,8 @@ def _wait_through_proxy(prod, new_db, sleep_s: int, timeout_s: int):
     """
     c = prod.client
     slow = {"versions/s1.py": revision("s1", None, f"import time; time.sleep({sleep_s})")}
-    project, _ = setup_project(c, slow)
+    # The lint's rendering would sleep too (up to RETORT_LINT_RENDER_TIMEOUT_S).
+    project, _ = setup_project(c, slow, settings={"lint": {"enabled": False}})
     db = register_db(c, project, new_db("sqlite"))
     proxy = TcpProxy(prod.port)
     proxy.start()

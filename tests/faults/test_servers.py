@@ -6,7 +6,15 @@ import time
 
 import sqlalchemy as sa
 
-from tests.faults.conftest import Hold, _wait, applied_log, held_database, logged_chain, start_job
+from tests.faults.conftest import (
+    NO_LINT,
+    Hold,
+    _wait,
+    applied_log,
+    held_database,
+    logged_chain,
+    start_job,
+)
 from tests.helpers import TcpProxy, chain_bundle, register_db, setup_project
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -18,7 +26,7 @@ def test_jobs_queued_when_redis_restarts_all_complete(stack, new_db, tmp_path):
     # Both workers busy with a held migration each...
     hold = Hold(tmp_path)
     hold.close()
-    held_project, _ = setup_project(c, logged_chain(hold))
+    held_project, _ = setup_project(c, logged_chain(hold), settings=NO_LINT)
     held = []
     for _ in range(2):
         db = register_db(c, held_project, new_db("sqlite"))

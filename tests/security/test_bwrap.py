@@ -203,3 +203,35 @@ def test_a_modified_cache_file_is_never_run(bwrapped, new_db):
     discarded = [e for e in events if e["action"] == "bundle.cache_discarded"]
     assert discarded and "r2.py" in discarded[0]["data"]["problem"], events
     json.dumps(discarded)
+
+
+def test_another_programs_commits_survive_warm_runners(tmp_path_factory, backends, tmp_path):
+    """The application writes its SQLite database between jobs, in SQLite's default journal
+    mode, whose commit deletes the journal: a warm runner that bound the old journal must
+    never take its bytes for a hot journal and roll the application's commit back."""
+    import sqlite3
+
+    from tests.helpers import chain_bundle
+
+    server = start_serve(tmp_path_factory, "bwrap")  # warm runners, as in production
+    try:
+        c = server.client
+        target = tmp_path / "app.db"
+        project, _ = setup_project(c, chain_bundle(6))
+        db = register_db(c, project, f"sqlite:///{target}")
+        app = sqlite3.connect(target)
+        app.execute("CREATE TABLE app_data (n INTEGER)")
+        app.commit()
+        for i in range(1, 7):
+            job = run_job(c, db, target=f"t{i:03d}")
+            assert job["state"] == "succeeded", job
+            app.execute("INSERT INTO app_data VALUES (?)", (i,))
+            app.commit()  # journal_mode DELETE: the journal file is deleted here
+            assert not os.path.exists(f"{target}-journal")
+        rows = [n for (n,) in app.execute("SELECT n FROM app_data ORDER BY n")]
+        assert rows == [1, 2, 3, 4, 5, 6]
+        assert app.execute("SELECT version_num FROM alembic_version").fetchone() == ("t006",)
+        assert app.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        app.close()
+    finally:
+        server.stop()

@@ -44,6 +44,12 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         bundle=bundle,
         url_encrypted=job.url_encrypted,
         secret_env=job.secret_env or {},
+        kind=job.kind or "migrate",
+        options=job.options or {},
+        approval=job.approval,
+        requested_by=job.requested_by,
+        tags=job.tags or {},
+        drifted=bool(job.drifted),
     )
     ctx = JobContext(
         job_id=job_id,

@@ -7,6 +7,7 @@ fenced out records nothing and leaves the job to the new holder.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,9 +17,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from service import targets
-from service.databases.models import AppliedRevision
+from service.databases.models import AppliedRevision, Database
 from service.db import utcnow
 from service.jobs.models import FINAL_STATES, Job, JobStep
+from service.jobs.run import safety
 from service.jobs.run.context import JobContext
 from service.jobs.run.steps import StepRecorder, checked_error, checked_heads
 from service.jobs.run.transitions import finish
@@ -53,6 +55,62 @@ def succeed(ctx: JobContext, recorder: StepRecorder, origin: list[str], to_heads
         ctx.write(write, fenced_by_fn=True, what="job.succeeded")
     except FencedOutError as exc:
         log.error("job %s: %s; not recording its success", ctx.job_id, exc)
+
+
+# A plan's or drift check's answer larger than this is cut to its summary (the
+# state database keeps it in one JSON value).
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+
+
+def succeed_with_result(ctx: JobContext, plan: Any, heads: list[str], raw: Any) -> None:
+    """End a plan or drift check with its answer; the database was not changed."""
+    result = raw if isinstance(raw, dict) else {}
+    if plan.kind == "plan":
+        verdict = safety.judge(
+            {"findings": result.get("findings"), "mode": result.get("mode")},
+            ctx.settings,
+            plan.tags,
+            safety.allowed_codes(plan.options, None),
+        )
+        result["findings"] = verdict.blocking + verdict.allowed + verdict.warnings
+        result["would_block"] = sorted({f["code"] for f in verdict.blocking})
+    text = json.dumps(result, default=str)
+    if len(text) > MAX_RESULT_BYTES:
+        result = {
+            k: v for k, v in result.items() if k not in ("steps", "differences", "operations")
+        }
+        result["truncated"] = f"the answer was {len(text)} bytes; its details were cut"
+    else:
+        result = json.loads(text)  # plain JSON only, as the runner's data must be
+    drifted = bool(result.get("drifted")) if plan.kind == "drift" else None
+    data: dict[str, Any] = {"kind": plan.kind, "from_heads": heads, "to_heads": heads, "steps": 0}
+
+    def write(s: Session):
+        leases.release_fenced(s, ctx.database_id, ctx.token)  # also the fence
+        s.execute(sa.update(Job).where(Job.id == ctx.job_id).values(result=result))
+        if plan.kind == "drift":
+            s.execute(
+                sa.update(Database)
+                .where(Database.id == ctx.database_id)
+                .values(drift_checked_at=utcnow(), drifted=drifted, drift_job_id=ctx.job_id)
+            )
+            summary = {"drifted": drifted, "differences": len(result.get("differences") or [])}
+            ctx.audit(s, "database.drift_checked", summary)
+            if drifted:
+                ctx.audit(s, "database.drift_detected", summary)
+        finish(
+            s,
+            ctx,
+            {"state": "succeeded", "to_heads": heads},
+            "job.succeeded",
+            data,
+            released=True,
+        )
+
+    try:
+        ctx.write(write, fenced_by_fn=True, what="job.succeeded")
+    except FencedOutError as exc:
+        log.error("job %s: %s; not recording its answer", ctx.job_id, exc)
 
 
 def record_failure(

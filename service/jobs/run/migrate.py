@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from service import targets
 from service.jobs.run import plan
 from service.jobs.run.failure import JobFailure, db_message, load_failure, locate, partial_ddl
+from service.jobs.run.preflight import Preflight, drift
 from service.jobs.run.protocol import Channel
 
 # Target engines a runner keeps (one idle connection each) for its project's
@@ -56,6 +57,7 @@ class Runner:
         self._engines: OrderedDict[tuple, sa.Engine] = OrderedDict()
         self._scripts: OrderedDict[str, ScriptDirectory] = OrderedDict()
         self.import_path = ImportPath()  # the running bundle's folders on sys.path
+        self.preflight = Preflight()  # upgrades' renderings, for their lint
         self.conn: Connection | None = None  # the running job's target connection
 
     # ------------------------------------------------------------- messages
@@ -182,7 +184,8 @@ class Runner:
                 targets.release_session_lock(conn, url, job["settings"])
         except Exception:  # noqa: BLE001 - dropping the session releases the lock anyway
             clean = False
-        if not clean:
+        if not clean or job.get("sqlite_journal") == "truncate":
+            # A SQLite connection in exclusive locking mode keeps its lock until it closes.
             try:
                 conn.invalidate()
             except Exception:  # noqa: BLE001
@@ -227,13 +230,19 @@ class Runner:
         heads = self._heads(job, conn, url)
         script = self.scripts(job)
         action, target = job["action"], job["target"]
+        kind = job.get("kind") or "migrate"
         mysql = targets.dialect_of(url) == "mysql"
-        if job["attempt"] > 1 and job["previously_started"] and mysql:
+        if job["attempt"] > 1 and job["previously_started"] and mysql and kind == "migrate":
             plan.refuse_blind_resume(script, action, target, heads)
         lost: list[dict[str, Any]] = []
         if job["attempt"] > 1 and action == "upgrade" and job.get("from_heads") is not None:
             lost = plan.applied_between(script, job["from_heads"], heads)
-        noop = job["attempt"] == 1 and plan.nothing_to_do(script, action, target, heads)
+        # A plan or a drift check has its answer to give even at the target.
+        noop = (
+            kind == "migrate"
+            and job["attempt"] == 1
+            and plan.nothing_to_do(script, action, target, heads)
+        )
         reply = self.ask(
             {
                 "type": "locked",
@@ -246,9 +255,30 @@ class Runner:
         )
         if reply.get("type") != "go":
             return None  # the worker ended the job (nothing to do, cancelled, refused)
+        if kind == "plan":
+            return {"type": "planned", "plan": self.preflight.plan(job, conn, url, script, heads)}
+        if kind == "drift":
+            return {"type": "drifted", "drift": drift(job, conn, url, script, heads)}
+        if action == "upgrade" and job.get("lint"):
+            # Linted once the job runs: its time counts against the job's limit,
+            # and a revision that hangs while rendered hangs a running job.
+            lint = self._lint(job, conn, url, script, heads)
+            reply = self.ask({"type": "linted", "lint": lint})
+            if reply.get("type") != "go":
+                return None  # parked for an approval
         migration = _Migration(self, job, conn, url, script)
         migration.fence_until = _deadline(reply.get("fence_until"))
         return migration.run()
+
+    def _lint(self, job, conn: Connection, url: URL, script, heads) -> dict[str, Any]:
+        """The upgrade's findings; a lint that cannot run says why instead of blocking."""
+        try:
+            return self.preflight.lint_upgrade(job, conn, url, script, heads)
+        except JobFailure as exc:
+            return {"mode": None, "findings": [], "error": exc.error["message"]}
+        except Exception as exc:  # noqa: BLE001 - the migration itself reports what is wrong
+            targets.rollback(conn)
+            return {"mode": None, "findings": [], "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def _deadline(value: Any) -> float:
@@ -278,6 +308,12 @@ def _keep_journal_file(dbapi_conn, _record) -> None:
     mode = dbapi_conn.execute("PRAGMA journal_mode").fetchone()[0]
     if str(mode).lower() == "delete":
         dbapi_conn.execute("PRAGMA journal_mode=TRUNCATE")
+    # Hold SQLite's lock from the first read to the end of the job (the worker
+    # held a shared lock until then, and checked that the bound journal is the
+    # one at its path): no other program commits meanwhile, so none deletes
+    # the journal this runner's bind holds (see RunnerProcess.binds_current).
+    # The connection is closed when the job ends, which releases the lock.
+    dbapi_conn.execute("PRAGMA locking_mode=EXCLUSIVE")
 
 
 def import_folders(bundle: dict[str, Any]) -> list[str]:

@@ -243,6 +243,7 @@ class RunnerProcess:
         self.last_used = self.started
         self.jobs = 0
         self.versions: dict[str, Any] = {}
+        self.bound: dict[str, tuple[int, int]] = {}  # files bound read-write: (dev, inode)
         self._cwd = tempfile.mkdtemp(prefix="retort-runner-")
         argv = [
             spec.env_python or sys.executable,
@@ -314,9 +315,31 @@ class RunnerProcess:
             # The database and its rollback journal, read-write; nothing else of
             # their folder (other tenants' files) exists in the runner's view.
             for name in (path, path + "-journal", path + "-wal", path + "-shm"):
-                if os.path.exists(name):
-                    args += ["--bind", name, name]
+                try:
+                    st = os.stat(name)
+                except OSError:
+                    continue
+                args += ["--bind", name, name]
+                self.bound[name] = (st.st_dev, st.st_ino)
         return args
+
+    def binds_current(self) -> bool:
+        """Whether every file this runner bound is still the file at its path.
+
+        A bind holds the inode it was given. Another program that writes the
+        database in SQLite's default journal mode deletes the journal when it
+        commits; the runner would still see the old journal's bytes there and,
+        taking them for a hot journal, roll that program's commit back. Such a
+        runner is replaced, never used again.
+        """
+        for name, (dev, ino) in self.bound.items():
+            try:
+                st = os.stat(name)
+            except OSError:
+                return False
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                return False
+        return True
 
     def send(self, message: dict[str, Any]) -> None:
         self.chan.send(message)
@@ -495,7 +518,9 @@ class RunnerPool:
         self.evict_idle()
         runner = self.idle.pop(spec.key, None)
         if runner is not None and (
-            not runner.alive() or not spec.sqlite_files <= runner.spec.sqlite_files
+            not runner.alive()
+            or not spec.sqlite_files <= runner.spec.sqlite_files
+            or not runner.binds_current()
         ):
             runner.close()
             runner = None

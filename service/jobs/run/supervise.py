@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, update
@@ -25,7 +25,7 @@ from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import transaction, utcnow
 from service.jobs.models import Job
-from service.jobs.run import endings
+from service.jobs.run import endings, safety
 from service.jobs.run import lease as leasing
 from service.jobs.run.bundles import BundleInfo, discarded, verified_dir
 from service.jobs.run.context import JobContext
@@ -47,7 +47,12 @@ from service.jobs.run.steps import (
     checked_error,
     checked_heads,
 )
-from service.jobs.run.target_files import SqliteLock, prepare_for_sandbox, sqlite_path
+from service.jobs.run.target_files import (
+    SharedHold,
+    SqliteLock,
+    prepare_for_sandbox,
+    sqlite_path,
+)
 from service.jobs.run.transitions import (
     JOB_STATE,
     Started,
@@ -92,6 +97,12 @@ class Plan:
     bundle: BundleInfo
     url_encrypted: str
     secret_env: dict[str, str]  # name -> Fernet token (the project's secret variables)
+    kind: str = "migrate"  # "migrate", "plan" (a dry run) or "drift"
+    options: dict[str, Any] = field(default_factory=dict)  # plan_mode, allow
+    approval: dict[str, Any] | None = None
+    requested_by: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # the database's
+    drifted: bool = False  # the database's newest drift check found differences
 
 
 class JobRun:
@@ -336,6 +347,17 @@ class JobRun:
                     "timeout_s": config.connect_timeout_s,
                 },
                 "lock_wait_timeout_s": config.lock_wait_timeout_s,
+                "kind": plan.kind,
+                "lint": plan.kind == "migrate"
+                and plan.action == "upgrade"
+                and safety.lint_settings(settings).get("enabled", True),
+                "plan_mode": plan.options.get("plan_mode"),
+                "plan_lock_timeout_ms": config.plan_lock_timeout_ms,
+                "lint_render_timeout_s": config.lint_render_timeout_s,
+                # Only a drift check gets the scratch server (where it builds the schema).
+                "drift_scratch_url": config.drift_scratch_url(targets.dialect_of(url))
+                if plan.kind == "drift"
+                else None,
                 # The project's variables for its revisions, its secrets decrypted
                 # for this runner only (settings.env and secret_env).
                 "env": self._job_env(),
@@ -400,6 +422,24 @@ class JobRun:
             return
         self._give_back()
 
+    def _hand_over(self, early: bool) -> dict[str, Any]:
+        """Give the runner its job; return its `locked` report.
+
+        A SQLite target under bwrap is held with a shared lock meanwhile (see
+        SharedHold), and a warm runner whose bound files are no longer the
+        files at their paths is replaced (RunnerProcess.binds_current).
+        """
+        hold = None
+        if self._is_sqlite() and self.sandbox is not None and self.sandbox.mode == "bwrap":
+            hold = SharedHold(self.url.database, float(self.config.connect_timeout_s))
+        try:
+            self._take_runner()
+            self._send(self._job_message(early=early))
+            return self._until_locked()
+        finally:
+            if hold is not None:
+                hold.release()
+
     def _until_locked(self) -> dict[str, Any]:
         """Read the runner's reports up to `locked`; raise JobFailure if it failed first."""
         while True:
@@ -437,10 +477,8 @@ class JobRun:
                     self.sqlite_lock.release()
                     self.sqlite_lock = None
                     return False
-            self._take_runner()
             self.deadline = time.monotonic() + min(EARLY_LIMIT_S, self._max_duration())
-            self._send(self._job_message(early=True))
-            self.locked = self._until_locked()
+            self.locked = self._hand_over(early=True)
             return True
         except (_NotEarly, JobFailure, RunnerGone, OSError) as exc:
             if isinstance(exc, RunnerGone) and self.runner is not None:
@@ -473,6 +511,28 @@ class JobRun:
             sandbox=self.sandbox.mode,
             runtime=self._runtime(),
         )
+
+    def _linted(self, report: Any) -> bool:
+        """Judge the runner's lint report; park the job if it blocks. True: parked."""
+        plan, ctx = self.plan, self.ctx
+        verdict = safety.judge(
+            report,
+            ctx.settings,
+            plan.tags,
+            safety.allowed_codes(plan.options, plan.approval),
+            drifted=plan.drifted,
+        )
+        if verdict.blocking:
+            parked = ctx.write(lambda s: safety.park(s, ctx, verdict))
+            self._send({"type": "stop"})
+            self._give_back()
+            if parked:
+                ctx.published()
+            return True
+        if not verdict.empty:
+            ctx.write(lambda s: safety.record(s, ctx, verdict, plan.requested_by))
+        self._send({"type": "go", "fence_until": self._fence_until()})
+        return False
 
     def _runtime(self) -> dict[str, Any] | None:
         """What runs the revisions: the environment and its versions (the runner says)."""
@@ -513,9 +573,7 @@ class JobRun:
                     lock = SqliteLock(self.config.data_dir, self.url.database)
                     self.sqlite_lock = lock
                     self.file_lock_waited_ms = lock.take(self.config.lock_wait_timeout_s)
-                self._take_runner()
-                self._send(self._job_message(early=False))
-                self.locked = self._until_locked()
+                self.locked = self._hand_over(early=False)
                 self.started = ctx.write(self._start)
                 if self.started is None:
                     self._abort()
@@ -581,6 +639,19 @@ class JobRun:
                         fenced = True
             elif kind == "event":
                 self._audit_event(message)
+            elif kind == "linted":
+                try:
+                    if self._linted(message.get("lint")):
+                        return
+                except FencedOutError:
+                    fenced = True
+                    self._send({"type": "stop"})
+            elif kind in ("planned", "drifted"):
+                self._give_back()
+                if not fenced:
+                    result = message.get("plan" if kind == "planned" else "drift")
+                    endings.succeed_with_result(ctx, plan, from_heads, result)
+                return
             elif kind == "done":
                 self._give_back()
                 if not fenced:

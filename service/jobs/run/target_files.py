@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -75,3 +76,37 @@ def prepare_for_sandbox(database: str) -> None:
     if len(header) == 20 and header[18] == 2:  # file format 2: WAL
         for name in (real + "-wal", real + "-shm"):
             os.close(os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
+
+
+class SharedHold:
+    """A shared SQLite lock on a target, held by the worker while its sandboxed runner opens it.
+
+    While it is held no other program can commit to the database, so none can
+    delete its journal between the worker's check that the runner's bound
+    journal is the file at its path and the runner's own lock (it holds one
+    for the whole job: locking_mode EXCLUSIVE). Opening it here also lets
+    SQLite recover a genuinely hot journal on the host, where it belongs.
+    """
+
+    def __init__(self, database: str, timeout_s: float) -> None:
+        self.conn: sqlite3.Connection | None = None
+        try:
+            self.conn = sqlite3.connect(
+                sqlite_path(database), timeout=timeout_s, isolation_level=None
+            )
+            self.conn.execute("BEGIN")
+            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            self.release()
+            raise JobFailure(
+                "target_unreachable", f"cannot open the SQLite database to lock it: {exc}"
+            ) from None
+        prepare_for_sandbox(database)  # a journal another program deleted is made again
+
+    def release(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.rollback()
+            finally:
+                self.conn.close()
+                self.conn = None

@@ -1,0 +1,131 @@
+"""Approving or rejecting a job the lint parked (state waiting_for_approval).
+
+Who may decide: an admin token, or a token the project names in
+`settings.lint.approvers`; never the job's own requester unless the project
+allows it (`settings.lint.self_approve`). The requester may always reject
+(withdraw) its own job. An approval accepts the codes of the
+findings it saw and puts the job back in the queue: it runs from the
+database's heads as they are then, linted again, and parks again only for a
+blocking code the approval did not cover. Every decision is audited with who,
+when and which findings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from service.audit.ops import record_event
+from service.databases.models import Database
+from service.db import iso, utcnow
+from service.errors import ConflictError, ServiceError
+from service.jobs.models import WAITING_FOR_APPROVAL, Job
+from service.jobs.ops import get_job
+from service.principal import Principal
+from service.projects.models import Project
+
+
+class NotAnApproverError(ServiceError):
+    status = 403
+    code = "not_an_approver"
+
+
+def decide(
+    session: Session,
+    job_id: int,
+    decision: str,
+    who: Principal,
+    comment: str | None = None,
+    dispatch: bool = True,
+) -> Job:
+    """Approve (back to the queue) or reject (cancelled) a job waiting for approval."""
+    job = get_job(session, job_id, who)
+    project = session.get(Project, job.project_id)
+    db = session.get(Database, job.database_id)
+    if job.state != WAITING_FOR_APPROVAL:
+        raise ConflictError(
+            f"job {job_id} is {job.state}, not waiting for an approval",
+            {"job": job_id, "state": job.state},
+            code="not_waiting_for_approval",
+        )
+    if not (decision == "rejected" and who.name == job.requested_by):
+        check_approver(project, job, who)  # a requester may withdraw, never approve, its job
+    blocking = (job.findings or {}).get("blocking") or []
+    codes = sorted({f.get("code") for f in blocking if isinstance(f, dict)})
+    approval: dict[str, Any] = {
+        "decision": decision,
+        "by": who.name,
+        "at": iso(utcnow()),
+        "codes": codes,
+        "comment": comment,
+    }
+    if decision == "approved":
+        values: dict[str, Any] = {
+            "state": "queued",
+            "approval": approval,
+            # Sent by the caller after the commit; the sweeper resends if that fails.
+            "dispatched_at": utcnow() if dispatch else None,
+        }
+    else:
+        error = {
+            "code": "rejected",
+            "message": f"{who.name} rejected the job's blocking findings "
+            f"({', '.join(codes)})" + (f": {comment}" if comment else ""),
+            "revision": None,
+            "statement": None,
+        }
+        values = {"state": "cancelled", "approval": approval, "error": error}
+        values["finished_at"] = utcnow()
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == WAITING_FOR_APPROVAL).values(values)
+    ).rowcount
+    if not done:
+        raise ConflictError(
+            f"job {job_id} was decided meanwhile", {"job": job_id}, code="not_waiting_for_approval"
+        )
+    record_event(
+        session,
+        f"job.{decision}",
+        actor=who.name,
+        project=project.name,
+        database=db.name,
+        job_id=job.id,
+        data={
+            "codes": codes,
+            "comment": comment,
+            "findings": [
+                {k: f.get(k) for k in ("code", "revision", "table", "message")} for f in blocking
+            ],
+        },
+    )
+    if decision == "rejected":
+        record_event(
+            session,
+            "job.cancelled",
+            actor=who.name,
+            project=project.name,
+            database=db.name,
+            job_id=job.id,
+            data={"reason": "rejected"},
+        )
+    session.refresh(job)
+    return job
+
+
+def check_approver(project: Project, job: Job, who: Principal) -> None:
+    """Refuse a token that may not decide on this job (403 with the reason)."""
+    lint = (project.settings or {}).get("lint") or {}
+    if not (who.has_role("admin") or who.name in (lint.get("approvers") or ())):
+        raise NotAnApproverError(
+            f"{who.name} may not approve or reject jobs of project {project.name}: an admin "
+            "token may, and the tokens named in the project's settings.lint.approvers",
+            {"project": project.name, "token": who.name},
+        )
+    if who.name == job.requested_by and not lint.get("self_approve"):
+        raise NotAnApproverError(
+            f"{who.name} requested job {job.id}: another token must approve it (or set the "
+            "project's settings.lint.self_approve)",
+            {"project": project.name, "token": who.name, "requested_by": job.requested_by},
+        )
