@@ -43,6 +43,13 @@ class MultipleHeadsError(InvalidError):
     code = "multiple_heads"
 
 
+class NotAnApproverError(ServiceError):
+    """A token that may not approve (or allow) a project's blocking lint findings."""
+
+    status = 403
+    code = "not_an_approver"
+
+
 class UnauthorizedError(ServiceError):
     status = 401
     code = "unauthorized"

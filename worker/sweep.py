@@ -91,11 +91,14 @@ class Sweeper:
             purged = purge_expired(s, config.idempotency_ttl_s)
         drift: list[int] = []
         if time.monotonic() - self._drift_at >= config.drift_sweep_interval_s:
-            with transaction(self._sessions) as s:
-                drift = due_drift_checks(s)
-            for job_id in drift:
-                self._dispatcher.send_job(job_id)
             self._drift_at = time.monotonic()
+            try:
+                with transaction(self._sessions) as s:
+                    drift = due_drift_checks(s)
+                for job_id in drift:
+                    self._dispatcher.send_job(job_id)
+            except Exception:  # noqa: BLE001 - the sweep's other duties go on
+                log.exception("sweeper: scheduling drift checks failed")
         if time.monotonic() - self._checkpoint_at >= config.audit_checkpoint_interval_s:
             self.checkpoint()
             self._checkpoint_at = time.monotonic()

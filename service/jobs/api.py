@@ -241,7 +241,9 @@ def post_cancel(job_id: int):
 
 
 def _decide(job_id: int, decision: str):
-    require("deployer")
+    # Who may decide is the project's rule (an admin, or a named approver of any
+    # role; the requester may reject its own job): checked in decide().
+    require("viewer")
     # The body is optional: {"comment": "..."} when there is one.
     body = parse_json(JobDecision) if request.content_length or request.is_json else JobDecision()
     svc = services()
@@ -256,7 +258,7 @@ def _decide(job_id: int, decision: str):
 @bp.post("/jobs/<id:job_id>/approve")
 @operation(
     "Approve a job's blocking lint findings: it goes back to the queue",
-    role="deployer",
+    role="viewer",
     body=JobDecision,
     responses={200: JobOut},
 )
@@ -267,7 +269,7 @@ def post_approve(job_id: int):
 @bp.post("/jobs/<id:job_id>/reject")
 @operation(
     "Reject a job waiting for an approval: it is cancelled",
-    role="deployer",
+    role="viewer",
     body=JobDecision,
     responses={200: JobOut},
 )

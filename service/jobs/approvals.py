@@ -20,16 +20,11 @@ from sqlalchemy.orm import Session
 from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import iso, utcnow
-from service.errors import ConflictError, ServiceError
+from service.errors import ConflictError, NotAnApproverError
 from service.jobs.models import WAITING_FOR_APPROVAL, Job
 from service.jobs.ops import get_job
 from service.principal import Principal
 from service.projects.models import Project
-
-
-class NotAnApproverError(ServiceError):
-    status = 403
-    code = "not_an_approver"
 
 
 def decide(
@@ -54,6 +49,9 @@ def decide(
         check_approver(project, job, who)  # a requester may withdraw, never approve, its job
     blocking = (job.findings or {}).get("blocking") or []
     codes = sorted({f.get("code") for f in blocking if isinstance(f, dict)})
+    if decision == "approved" and job.approval and job.approval.get("decision") == "approved":
+        # An earlier approval of this job still stands for the codes it covered.
+        codes = sorted(set(codes) | set(job.approval.get("codes") or ()))
     approval: dict[str, Any] = {
         "decision": decision,
         "by": who.name,

@@ -218,6 +218,10 @@ def test_a_request_can_allow_a_code_and_it_is_audited(prod, new_db):
     assert allowed and allowed[0]["data"]["codes"] == ["column_dropped"]
     r = c.post("/v1/jobs", {"database": db, "allow": ["no_such_code"]})
     assert r.status == 422 and "no_such_code" in json.dumps(r.body)
+    # Allowing in advance is approving: a deployer that may not approve may not allow.
+    deployer = Client(c.base, _token(c, "deployer", project))
+    r = deployer.post("/v1/jobs", {"database": db, "allow": ["column_dropped"]})
+    assert r.status == 403 and r.body["error"]["code"] == "not_an_approver", r
 
 
 def test_the_policy_per_database_tag(prod, new_db):

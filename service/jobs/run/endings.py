@@ -62,26 +62,36 @@ def succeed(ctx: JobContext, recorder: StepRecorder, origin: list[str], to_heads
 MAX_RESULT_BYTES = 4 * 1024 * 1024
 
 
-def succeed_with_result(ctx: JobContext, plan: Any, heads: list[str], raw: Any) -> None:
-    """End a plan or drift check with its answer; the database was not changed."""
+def succeed_with_result(
+    ctx: JobContext, plan: Any, heads: list[str], raw: Any, url: URL | None
+) -> None:
+    """End a plan or drift check with its answer; the database was not changed.
+
+    The answer is the runner's report: plain JSON, scrubbed of the target's
+    password, bounded in size; a drift check must say whether it found drift.
+    """
     result = raw if isinstance(raw, dict) else {}
+    if plan.kind == "drift" and not isinstance(result.get("drifted"), bool):
+        message = "the runner's drift report does not say whether it found drift"
+        fail(ctx, None, url, {"code": "runner_protocol", "message": message}, None)
+        return
     if plan.kind == "plan":
         verdict = safety.judge(
             {"findings": result.get("findings"), "mode": result.get("mode")},
             ctx.settings,
             plan.tags,
             safety.allowed_codes(plan.options, None),
+            drifted=plan.drifted,
         )
         result["findings"] = verdict.blocking + verdict.allowed + verdict.warnings
         result["would_block"] = sorted({f["code"] for f in verdict.blocking})
-    text = json.dumps(result, default=str)
+    result = _scrubbed(json.loads(json.dumps(result, default=str)), url)
+    text = json.dumps(result)
     if len(text) > MAX_RESULT_BYTES:
-        result = {
-            k: v for k, v in result.items() if k not in ("steps", "differences", "operations")
-        }
+        keep = ("mode", "dialect", "from_heads", "to_heads", "nothing_to_do", "drifted", "heads")
+        keep += ("would_block", "scratch")
+        result = {k: result[k] for k in keep if k in result}
         result["truncated"] = f"the answer was {len(text)} bytes; its details were cut"
-    else:
-        result = json.loads(text)  # plain JSON only, as the runner's data must be
     drifted = bool(result.get("drifted")) if plan.kind == "drift" else None
     data: dict[str, Any] = {"kind": plan.kind, "from_heads": heads, "to_heads": heads, "steps": 0}
 
@@ -94,7 +104,9 @@ def succeed_with_result(ctx: JobContext, plan: Any, heads: list[str], raw: Any) 
                 .where(Database.id == ctx.database_id)
                 .values(drift_checked_at=utcnow(), drifted=drifted, drift_job_id=ctx.job_id)
             )
-            summary = {"drifted": drifted, "differences": len(result.get("differences") or [])}
+            differences = result.get("differences")
+            count = len(differences) if isinstance(differences, list) else None
+            summary = {"drifted": drifted, "differences": count}
             ctx.audit(s, "database.drift_checked", summary)
             if drifted:
                 ctx.audit(s, "database.drift_detected", summary)
@@ -111,6 +123,19 @@ def succeed_with_result(ctx: JobContext, plan: Any, heads: list[str], raw: Any) 
         ctx.write(write, fenced_by_fn=True, what="job.succeeded")
     except FencedOutError as exc:
         log.error("job %s: %s; not recording its answer", ctx.job_id, exc)
+
+
+def _scrubbed(value: Any, url: URL | None, depth: int = 0) -> Any:
+    """`value` with the target's password scrubbed from every string (JSON data)."""
+    if depth > 32:
+        return None
+    if isinstance(value, str):
+        return targets.scrub(value, url)
+    if isinstance(value, list):
+        return [_scrubbed(v, url, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k)[:200]: _scrubbed(v, url, depth + 1) for k, v in value.items()}
+    return value
 
 
 def record_failure(

@@ -305,15 +305,18 @@ def _keep_journal_file(dbapi_conn, _record) -> None:
     It stays beside the database, where SQLite's crash recovery looks for it. A
     database in WAL mode keeps its mode.
     """
-    mode = dbapi_conn.execute("PRAGMA journal_mode").fetchone()[0]
-    if str(mode).lower() == "delete":
+    mode = str(dbapi_conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    if mode == "delete":
         dbapi_conn.execute("PRAGMA journal_mode=TRUNCATE")
-    # Hold SQLite's lock from the first read to the end of the job (the worker
-    # held a shared lock until then, and checked that the bound journal is the
-    # one at its path): no other program commits meanwhile, so none deletes
-    # the journal this runner's bind holds (see RunnerProcess.binds_current).
-    # The connection is closed when the job ends, which releases the lock.
-    dbapi_conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+    if mode != "wal":
+        # Hold SQLite's lock from the first read to the end of the job (the
+        # worker kept commits out until then, having checked that the bound
+        # journal is the one at its path): no other program commits meanwhile,
+        # so none deletes the journal this runner's bind holds (see
+        # RunnerProcess.binds_current). The connection is closed when the job
+        # ends, which releases the lock. (WAL: readers and writers coexist; its
+        # files are kept by the connections that use them.)
+        dbapi_conn.execute("PRAGMA locking_mode=EXCLUSIVE")
 
 
 def import_folders(bundle: dict[str, Any]) -> list[str]:

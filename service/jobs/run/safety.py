@@ -8,6 +8,7 @@ then (and is linted again: the approval covers the codes it named).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,9 @@ def checked_findings(raw: Any) -> list[dict[str, Any]]:
             finding[key] = value[:limit] if isinstance(value, str) else None
         index = item.get("statement_index")
         finding["statement_index"] = index if isinstance(index, int) else None
-        if isinstance(item.get("observed"), dict):
-            finding["observed"] = item["observed"]
+        observed = item.get("observed")
+        if isinstance(observed, dict) and len(json.dumps(observed, default=str)) <= 4096:
+            finding["observed"] = json.loads(json.dumps(observed, default=str))
         out.append(finding)
     return out
 
@@ -116,7 +118,8 @@ def judge(
         )
     lint = lint_settings(settings)
     policy = resolve_policy(lint.get("policy"), lint.get("by_tag"), tags or {})
-    verdict = Verdict(mode=report.get("mode"))
+    mode = report.get("mode")
+    verdict = Verdict(mode=mode if isinstance(mode, str) and len(mode) <= 32 else None)
     for finding in findings:
         action = policy.get(finding["code"], "warn")
         finding["action"] = action

@@ -339,7 +339,12 @@ class RunnerProcess:
                 return False
             if (st.st_dev, st.st_ino) != (dev, ino):
                 return False
-        return True
+        # A journal (or WAL file) made after this runner started is not in its view.
+        return not any(
+            os.path.exists(name) and name not in self.bound
+            for path in self.spec.sqlite_files
+            for name in (path, path + "-journal", path + "-wal", path + "-shm")
+        )
 
     def send(self, message: dict[str, Any]) -> None:
         self.chan.send(message)

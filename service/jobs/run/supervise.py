@@ -48,8 +48,9 @@ from service.jobs.run.steps import (
     checked_heads,
 )
 from service.jobs.run.target_files import (
-    SharedHold,
+    CommitHold,
     SqliteLock,
+    is_wal,
     prepare_for_sandbox,
     sqlite_path,
 )
@@ -277,7 +278,9 @@ class JobRun:
             with transaction(ctx.sessions) as s:
                 rows = s.scalars(
                     select(Database.url_encrypted).where(
-                        Database.project_id == ctx.project_id, Database.dialect == "sqlite"
+                        Database.project_id == ctx.project_id,
+                        Database.dialect == "sqlite",
+                        Database.removed_at.is_(None),
                     )
                 ).all()
             found = {mine}
@@ -425,13 +428,17 @@ class JobRun:
     def _hand_over(self, early: bool) -> dict[str, Any]:
         """Give the runner its job; return its `locked` report.
 
-        A SQLite target under bwrap is held with a shared lock meanwhile (see
-        SharedHold), and a warm runner whose bound files are no longer the
-        files at their paths is replaced (RunnerProcess.binds_current).
+        A SQLite target under bwrap: its journal is made again if another program
+        deleted it, then commits are held off (CommitHold) while a runner whose
+        bound files are the files at their paths (RunnerProcess.binds_current)
+        takes the database's lock for the job.
         """
         hold = None
         if self._is_sqlite() and self.sandbox is not None and self.sandbox.mode == "bwrap":
-            hold = SharedHold(self.url.database, float(self.config.connect_timeout_s))
+            prepare_for_sandbox(self.url.database)
+            self._spec()  # reads (and prepares) the project's files before the hold
+            if not is_wal(self.url.database):
+                hold = CommitHold(self.url.database, self.config.lock_wait_timeout_s)
         try:
             self._take_runner()
             self._send(self._job_message(early=early))
@@ -511,6 +518,26 @@ class JobRun:
             sandbox=self.sandbox.mode,
             runtime=self._runtime(),
         )
+
+    def _expected(self, kind: Any, linted: bool, recorder: StepRecorder) -> bool:
+        """Whether a runner's report fits this job's kind and where it is (the runner
+        runs the project's code: its word on what it did is checked, never trusted)."""
+        plan = self.plan
+        if kind in ("event", "failed", "stopped"):
+            return True
+        if kind == "planned":
+            return plan.kind == "plan"
+        if kind == "drifted":
+            return plan.kind == "drift"
+        if kind == "linted":
+            return (
+                plan.kind == "migrate"
+                and plan.action == "upgrade"
+                and not linted
+                and not recorder.applied
+                and not recorder.pending
+            )
+        return plan.kind == "migrate"  # step, resolved, done, and anything unknown
 
     def _linted(self, report: Any) -> bool:
         """Judge the runner's lint report; park the job if it blocks. True: parked."""
@@ -598,7 +625,7 @@ class JobRun:
         """Record the runner's reports until the job ends."""
         recorder, ctx, plan = self.recorder, self.ctx, self.plan
         assert recorder is not None
-        fenced = False
+        fenced = linted = False
         while True:
             left = self._time_left()
             timeout = min(left, STEP_FLUSH_S) if recorder.pending else left
@@ -612,6 +639,14 @@ class JobRun:
                     self._flush_or_stop()
                 continue
             kind = message.get("type")
+            if not self._expected(kind, linted, recorder):
+                self._kill("bad report")
+                self._fail(
+                    {"code": "runner_protocol", "message": f"unexpected report {kind!r} here"}
+                )
+                return
+            if kind == "linted":
+                linted = True
             if kind == "step":
                 ask = message.get("ask") is True
                 try:
@@ -650,7 +685,7 @@ class JobRun:
                 self._give_back()
                 if not fenced:
                     result = message.get("plan" if kind == "planned" else "drift")
-                    endings.succeed_with_result(ctx, plan, from_heads, result)
+                    endings.succeed_with_result(ctx, plan, from_heads, result, self.url)
                 return
             elif kind == "done":
                 self._give_back()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import sqlite3
 import time
 from pathlib import Path
 
@@ -66,47 +65,81 @@ def prepare_for_sandbox(database: str) -> None:
     empty journal is no hot journal. In WAL mode the -wal and -shm files too.
     """
     real = sqlite_path(database)
-    for name in (real, real + "-journal"):
-        os.close(os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
+    names = [real, real + "-journal"]
+    if is_wal(real):
+        names += [real + "-wal", real + "-shm"]
+    for name in names:
+        _make_like(name, real)
+
+
+def _make_like(name: str, database: str) -> None:
+    """Create `name` if missing, owned and moded like the database (as SQLite makes its
+    journal), so the application can still open it."""
     try:
-        with open(real, "rb") as f:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        st = os.stat(database)
+        os.fchmod(fd, st.st_mode & 0o666)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# SQLite's unix locking protocol (os_unix.c): a writer takes a write lock on the
+# PENDING byte before it commits; a reader takes a read lock on it for a moment
+# while it gets its shared lock. A read lock held there lets readers in and keeps
+# every commit out, without SQLite (and its journal recovery) running here.
+PENDING_BYTE = 0x40000000
+
+
+def is_wal(database: str) -> bool:
+    """Whether the file says it is in WAL mode (its header's file format byte is 2)."""
+    try:
+        with open(sqlite_path(database), "rb") as f:
             header = f.read(20)
     except OSError:
-        return
-    if len(header) == 20 and header[18] == 2:  # file format 2: WAL
-        for name in (real + "-wal", real + "-shm"):
-            os.close(os.open(name, os.O_RDWR | os.O_CREAT, 0o600))
+        return False
+    return len(header) == 20 and header[18] == 2
 
 
-class SharedHold:
-    """A shared SQLite lock on a target, held by the worker while its sandboxed runner opens it.
+class CommitHold:
+    """Keep other programs from committing to a SQLite target while its runner opens it.
 
-    While it is held no other program can commit to the database, so none can
-    delete its journal between the worker's check that the runner's bound
-    journal is the file at its path and the runner's own lock (it holds one
-    for the whole job: locking_mode EXCLUSIVE). Opening it here also lets
-    SQLite recover a genuinely hot journal on the host, where it belongs.
+    Held (by the worker) from the check that the runner's bound journal is the
+    file at its path until the runner holds its own lock for the job: no commit
+    can delete the journal in between (see RunnerProcess.binds_current). The
+    worker never opens a tenant's database with SQLite itself: a journal the
+    project's code wrote could make SQLite delete files here (a super-journal
+    name). While it is held, nothing else in this process may open and close
+    the database file (closing any descriptor drops the process's locks).
+    Rollback-journal mode only: WAL databases have no PENDING byte protocol.
     """
 
     def __init__(self, database: str, timeout_s: float) -> None:
-        self.conn: sqlite3.Connection | None = None
-        try:
-            self.conn = sqlite3.connect(
-                sqlite_path(database), timeout=timeout_s, isolation_level=None
-            )
-            self.conn.execute("BEGIN")
-            self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.Error as exc:
-            self.release()
-            raise JobFailure(
-                "target_unreachable", f"cannot open the SQLite database to lock it: {exc}"
-            ) from None
-        prepare_for_sandbox(database)  # a journal another program deleted is made again
+        self.fd = os.open(sqlite_path(database), os.O_RDONLY)
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PENDING_BYTE)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.release()
+                    raise JobFailure(
+                        "lock_timeout",
+                        f"another program kept committing to the SQLite database for "
+                        f"{timeout_s:.0f} s",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def release(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.rollback()
-            finally:
-                self.conn.close()
-                self.conn = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
