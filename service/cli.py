@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from service.cli_base import EXIT_CODES_HELP
 from service.config import Config
 
 
@@ -56,7 +57,24 @@ def _make_target_root(config: Config) -> None:
         default.mkdir(parents=True, exist_ok=True)
 
 
-@click.group()
+def _version() -> str:
+    """Retort's version: the installed package's, else pyproject.toml's (a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retort")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+@click.version_option(_version(), prog_name="retort")
 def main() -> None:
     """Retort: migration-as-a-service for Alembic."""
 
@@ -344,9 +362,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 from service.audit_cli import register as register_audit  # noqa: E402
 from service.client_cli import register  # noqa: E402
+from service.manage_cli import register as register_manage  # noqa: E402
 from service.safety_cli import register as register_safety  # noqa: E402
 
 register(main)
+register_manage(main)
 register_audit(main)
 register_safety(main)
 

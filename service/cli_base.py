@@ -4,8 +4,10 @@ mode, errors turned into the documented exit codes.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import click
 
 from service.client import (
     DEFAULT_URL,
+    EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     ApiError,
@@ -25,15 +28,19 @@ from service.client import (
     default_token,
 )
 
-# `\b` keeps click from re-wrapping the table.
+# The table, once: in `retort --help` (the group's epilog) and README.md.
+# `\b` keeps click from re-wrapping it.
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  succeeded, or nothing to do
   1  the migration failed (job failed or cancelled)
   2  usage or request error (also a redirect: use its URL)
-  3  refused by a safety check, or waiting for approval
+  3  refused by a safety check, waiting for approval, a plan's blocking
+     findings, or drift found
   4  timed out waiting (the job goes on)
   5  cannot reach Retort, authentication failed, or an unexpected error"""
+# What every subcommand's help ends with instead of the table.
+EXIT_CODES_SEE = "Exit codes: see retort --help."
 
 
 @dataclass
@@ -54,11 +61,13 @@ class Cli:
 
 
 def api_command(
-    group: click.Group | None, name: str
+    group: click.Group | None, name: str, url_flag: str = "--url"
 ) -> Callable[[Callable[..., int]], click.Command]:
     """Declare a pipeline command: shared --url/--token/--json, errors turned into exit codes.
 
     `group` None: a command defined at module level, added to a group later.
+    `url_flag`: the flag of Retort's URL, for a command whose own --url is a
+    target database's (`retort database add`).
     """
 
     def decorate(func: Callable[..., int]) -> click.Command:
@@ -68,11 +77,13 @@ def api_command(
                 # A non-UTF-8 terminal must not turn an arrow into a traceback.
                 if hasattr(stream, "reconfigure"):
                     stream.reconfigure(errors="replace")
+            code: int | None = None
             try:
                 # A token read from a file (a Kubernetes secret) often ends with a newline.
                 token = (token or "").strip() or default_token()
                 cli = Cli(RetortClient(url, token), as_json)
                 code = func(cli, **kwargs)
+                sys.stdout.flush()  # a closed pipe shows here, not at exit
             except (ApiError, Unreachable, InvalidInput) as exc:
                 if as_json:
                     click.echo(json.dumps(exc.document, indent=2))
@@ -89,24 +100,24 @@ def api_command(
                 code = 130  # the shell's convention for SIGINT
             except (click.ClickException, click.exceptions.Exit, click.Abort):
                 raise  # click's own: usage errors print the usage and exit 2
-            except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback
-                # Never 1, which tells the pipeline the migration failed: nothing
-                # here says so. 5 is "could not get a usable answer from Retort".
-                message = f"unexpected {type(exc).__name__}: {exc}"
-                if as_json:
-                    doc = {"error": {"code": "unexpected", "message": message, "details": {}}}
-                    click.echo(json.dumps(doc, indent=2))
+            except OSError as exc:
+                if not _closed_pipe(exc):
+                    code = _unexpected(exc, as_json)
                 else:
-                    click.echo(f"error: {message}", err=True)
-                code = EXIT_UNAVAILABLE
+                    # `retort jobs | head -1`: the reader has all it wanted. Quietly,
+                    # as Unix tools do; an outcome already known (a failed job's 1) stands.
+                    _quiet_stdout()
+                    code = EXIT_OK if code is None else code
+            except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback
+                code = _unexpected(exc, as_json)
             raise click.exceptions.Exit(code)
 
         make = group.command if group is not None else click.command
-        command = make(name, epilog=EXIT_CODES_HELP)(run)
+        command = make(name, epilog=EXIT_CODES_SEE)(run)
         # Appended after the command's own parameters so they come last in --help.
         command.params += [
             click.Option(
-                ["--url"],
+                [url_flag, "url"],
                 envvar="RETORT_URL",
                 default=DEFAULT_URL,
                 show_default=True,
@@ -122,3 +133,69 @@ def api_command(
         return command
 
     return decorate
+
+
+def _unexpected(exc: Exception, as_json: bool) -> int:
+    """Report an error nothing else expected; exit 5.
+
+    Never 1, which tells the pipeline the migration failed: nothing here says
+    so. 5 is "could not get a usable answer from Retort".
+    """
+    message = f"unexpected {type(exc).__name__}: {exc}"
+    try:
+        if as_json:
+            doc = {"error": {"code": "unexpected", "message": message, "details": {}}}
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            click.echo(f"error: {message}", err=True)
+    except OSError as again:
+        if not _closed_pipe(again):
+            raise
+        _quiet_stdout()
+    return EXIT_UNAVAILABLE
+
+
+def _closed_pipe(exc: OSError) -> bool:
+    return isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null after its reader left.
+
+    What is still buffered would be flushed at interpreter exit into the closed
+    pipe and raise there, past every handler ("Exception ignored ...", exit 120):
+    the descriptor is replaced, so that flush goes nowhere, quietly.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real descriptor (a test's capture): nothing to flush
+        pass
+
+
+# ---------------------------------------------------------------- human output
+
+
+def print_table(headers: list[str], rows: list[list[str]], empty: str) -> None:
+    """Print rows under headers in aligned columns, or `empty` when there is none."""
+    if not rows:
+        click.echo(empty)
+        return
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def format_revs(revs: list[str]) -> str:
+    return ", ".join(revs) if revs else "base (nothing applied)"
+
+
+def format_time(iso: str | None) -> str:
+    # 2024-05-01T12:34:56.789+00:00 -> 2024-05-01 12:34:56: enough for a table.
+    return (iso or "")[:19].replace("T", " ")
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

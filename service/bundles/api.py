@@ -1,9 +1,16 @@
 from flask import Blueprint, request
 
-from service.app import actor, idempotent, principal, require, services, validate
+from service.app import actor, idempotent, parse_query, principal, require, services, validate
 from service.bundles.archive import Limits, parse_bundle
-from service.bundles.ops import get_bundle, serialize_bundle, store_bundle, upload_notices
-from service.bundles.schemas import BundleOut, BundleUpload
+from service.bundles.ops import (
+    get_bundle,
+    list_bundles,
+    promote_bundle,
+    serialize_bundle,
+    store_bundle,
+    upload_notices,
+)
+from service.bundles.schemas import BundleList, BundleOut, BundlePage, BundleUpload
 from service.db import transaction
 from service.errors import UnsupportedMediaTypeError
 from service.openapi import operation
@@ -83,11 +90,47 @@ def _shape() -> BundleUpload:
     return validate(BundleUpload, data)
 
 
+@bp.get("/projects/<name>/bundles")
+@operation(
+    "List a project's bundles, the last pushed or promoted first",
+    query=BundleList,
+    responses={200: BundlePage},
+)
+def index_bundles(name: str):
+    """`latest: true` marks the project's latest bundle (what a job without `bundle` runs):
+    the one pushed or promoted last. Pass `next_cursor` back as `cursor` for the next page."""
+    params = parse_query(BundleList)
+    with transaction(services().sessions) as s:
+        project = get_project(s, name, principal())
+        bundles, cursor = list_bundles(s, project, params.limit, params.cursor)
+        return {"bundles": bundles, "next_cursor": cursor}
+
+
 @bp.get("/projects/<name>/bundles/<ref>")
 @operation(
     "Show a bundle and its revision graph (`ref`: id, prefix or latest)", responses={200: BundleOut}
 )
 def show_bundle(name: str, ref: str):
+    """`ref`: `latest`, the bundle's id (its sha256) or a unique prefix of at least 8 hex
+    characters; a shorter one is a 422 `invalid_bundle_ref`, one several bundles share a 422
+    `ambiguous_bundle` listing them (`details.candidates`)."""
     with transaction(services().sessions) as s:
         project = get_project(s, name, principal())
         return serialize_bundle(get_bundle(s, project, ref), project, graph=True)
+
+
+@bp.post("/projects/<name>/bundles/<ref>/promote")
+@operation(
+    "Make a bundle the project's latest (what a job without `bundle` runs)",
+    role="deployer",
+    responses={200: BundleOut},
+)
+def promote(name: str, ref: str):
+    """Roll back to (or forward to) a bundle pushed before: jobs without `bundle` run it from
+    now on. Audited as `bundle.promoted` (`from`, `to`, `reason`); promoting the latest
+    changes nothing and records nothing."""
+    require("deployer")
+    with transaction(services().sessions) as s:
+        project = get_project(s, name, principal())
+        bundle, _ = promote_bundle(s, project, ref, actor())
+        return serialize_bundle(bundle, project, graph=False)

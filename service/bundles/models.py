@@ -28,6 +28,10 @@ class Bundle(Base):
     size: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When it was last pushed (its content uploaded, new or again) or promoted:
+    # the order of a project's bundle list. Nullable in the schema only: making
+    # it NOT NULL would rebuild the referenced bundles table on SQLite.
+    pushed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class BundleFile(Base):

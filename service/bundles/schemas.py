@@ -58,7 +58,35 @@ class BundleOut(Out):
     size: int
     created_by: str
     created_at: str
+    # When it was last pushed (uploaded, new or again) or promoted.
+    pushed_at: str
+    # Whether it is the project's latest: what a job without `bundle` runs.
+    latest: bool
     # Upload answers list revision ids; `GET …/bundles/{ref}` describes each revision.
     revisions: list[str] | list[RevisionOut]
     # Upload answers only: computed from what was uploaded, never stored.
     notices: list[NoticeOut] | None = None
+
+
+class BundleList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=50, ge=1, le=500)
+    cursor: str | None = None
+
+
+class BundleSummary(Out):
+    id: str
+    heads: list[str]
+    revision_count: int
+    created_by: str
+    created_at: str
+    pushed_at: str
+    latest: bool
+
+
+class BundlePage(Out):
+    """A project's bundles, the last pushed or promoted first (the latest is first)."""
+
+    bundles: list[BundleSummary]
+    next_cursor: str | None

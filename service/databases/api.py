@@ -4,9 +4,12 @@ from service.app import actor, parse_json, parse_query, principal, require, serv
 from service.databases.ops import (
     create_database,
     list_databases,
+    remove_database,
+    repair_database,
     serialize_database,
     show_live,
     unlock_database,
+    update_database,
     view_database,
 )
 from service.databases.schemas import (
@@ -14,7 +17,10 @@ from service.databases.schemas import (
     DatabaseList,
     DatabaseOut,
     DatabasePage,
+    DatabasePatch,
     DatabaseShow,
+    RepairCreate,
+    RepairOut,
     UnlockOut,
 )
 from service.db import transaction
@@ -53,7 +59,11 @@ def index_databases():
     responses={200: DatabaseOut},
 )
 def show_database(name: str):
-    """Show a database; `?live=false` skips reading its current heads from the target."""
+    """Show a database; `?live=false` skips reading its current heads from the target.
+
+    `blocked_by` lists what stops jobs on it now: `revision_changed` (an applied
+    revision's file differs from the latest bundle's; see `…/repair`), `drifted` (the
+    newest drift check found differences) and, read live, `unknown_current_revision`."""
     live = parse_query(DatabaseShow).live
     with transaction(services().sessions) as s:
         view = view_database(s, name, principal())
@@ -63,6 +73,61 @@ def show_database(name: str):
     # never answers holds this request only (for at most connect_timeout_s per
     # wait), never a state connection or SQLite's write lock.
     return show_live(view, services().box, services().config.connect_timeout_s)
+
+
+@bp.patch("/databases/<name>")
+@operation(
+    "Change a database's URL or tags (admin; refused while a job is active)",
+    role="admin",
+    body=DatabasePatch,
+    responses={200: DatabaseOut},
+)
+def patch_database(name: str):
+    """A new `url` is validated as on registration (422 naming the field), stored encrypted
+    and shown masked; another dialect only while no job ever ran on the database (else 422
+    `dialect_change`). `tags` replace the old ones whole. 409 `database_busy` while a job is
+    queued, waiting or running. Audited as `database.updated` (masked URLs, tags)."""
+    require("admin")
+    body = parse_json(DatabasePatch)
+    with transaction(services().sessions) as s:
+        db, project = update_database(
+            s, name, body, services().box, actor(), principal(), services().config
+        )
+        return serialize_database(db, project)
+
+
+@bp.delete("/databases/<name>")
+@operation(
+    "Remove a database's registration (admin; refused while a job is active)",
+    role="admin",
+    responses={204: None},
+)
+def delete_database(name: str):
+    """The name is free again at once; the jobs that ran on it stay readable (their
+    `database` shows as `name~id`). 409 `database_busy` while a job is queued, waiting or
+    running. Audited as `database.removed`."""
+    require("admin")
+    with transaction(services().sessions) as s:
+        remove_database(s, name, services().box, actor(), principal())
+    return "", 204
+
+
+@bp.post("/databases/<name>/repair")
+@operation(
+    "Accept the latest bundle's file for an applied revision whose file changed (admin)",
+    role="admin",
+    body=RepairCreate,
+    responses={200: RepairOut},
+)
+def repair(name: str):
+    """The way out of `revision_changed` when the change is harmless: the revision's
+    recorded sha256 becomes the latest bundle's. 422 `revision_not_applied`,
+    `revision_not_in_bundle`; 409 `nothing_to_repair` when they already match. Audited as
+    `database.repaired` with `old_sha256` and `new_sha256`."""
+    require("admin")
+    body = parse_json(RepairCreate)
+    with transaction(services().sessions) as s:
+        return repair_database(s, name, body, actor(), principal())
 
 
 @bp.post("/databases/<name>/unlock")

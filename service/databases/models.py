@@ -27,6 +27,9 @@ class Database(Base):
     )
     drifted: Mapped[bool | None] = mapped_column(Boolean, default=None)
     drift_job_id: Mapped[int | None] = mapped_column(default=None)
+    # Set by DELETE /v1/databases/{name}: the row stays (its jobs refer to it)
+    # under a name of its own (`name~id`), so the name can be registered again.
+    removed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 class AppliedRevision(Base):

@@ -6,19 +6,21 @@ import dataclasses
 import os
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import targets
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
+from service.bundles.ops import get_bundle, latest_bundle
 from service.config import Config
 from service.crypto import SecretBox
-from service.databases.models import Database
-from service.databases.schemas import DatabaseCreate
-from service.db import iso
-from service.errors import ConflictError, NotFoundError
+from service.databases.models import AppliedRevision, Database
+from service.databases.schemas import DatabaseCreate, DatabasePatch, RepairCreate
+from service.db import iso, utcnow
+from service.errors import ConflictError, InvalidError, NotFoundError
+from service.jobs.models import ACTIVE_STATES, WAITING_FOR_APPROVAL, Job
 from service.locks.models import Lease
 from service.principal import Principal
 from service.projects.models import Project
@@ -61,9 +63,15 @@ def create_database(
     return db, project
 
 
-def get_database(session: Session, name: str, who: Principal | None = None) -> Database:
-    """Find a database by name; one in a project the principal may not see answers 404."""
-    db = session.scalar(select(Database).where(Database.name == name))
+def get_database(
+    session: Session, name: str, who: Principal | None = None, *, for_update: bool = False
+) -> Database:
+    """Find a registered database by name; one in a project the principal may not see
+    (or one removed) answers 404. `for_update`: lock its row (as a job request does)."""
+    query = select(Database).where(Database.name == name, Database.removed_at.is_(None))
+    if for_update:
+        query = query.with_for_update()
+    db = session.scalar(query)
     if db is not None and who is not None and not who.everywhere:
         if not who.sees(session.get(Project, db.project_id).name):
             db = None
@@ -78,7 +86,11 @@ def list_databases(
     tag: str | None = None,
     who: Principal | None = None,
 ) -> list[tuple[Database, Project]]:
-    query = select(Database, Project).join(Project, Project.id == Database.project_id)
+    query = (
+        select(Database, Project)
+        .join(Project, Project.id == Database.project_id)
+        .where(Database.removed_at.is_(None))
+    )
     if who is not None and not who.everywhere:
         query = query.where(Project.name.in_(who.projects))
     if project:
@@ -90,10 +102,160 @@ def list_databases(
     return rows
 
 
-def latest_bundle(session: Session, project: Project) -> Bundle | None:
-    return session.scalar(
-        select(Bundle).where(Bundle.project_id == project.id).order_by(Bundle.pk.desc()).limit(1)
+# A job in one of these states may still touch the database: its registration stays put.
+BUSY_STATES = (*ACTIVE_STATES, WAITING_FOR_APPROVAL)
+NAME_LENGTH = 100  # databases.name: String(100)
+
+
+def _refuse_busy(session: Session, db: Database, doing: str) -> None:
+    """409 `database_busy` while a job of the database is active (call with its row locked)."""
+    row = session.execute(
+        select(Job.id, Job.state)
+        .where(Job.database_id == db.id, Job.state.in_(BUSY_STATES))
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).first()
+    if row is not None:
+        raise ConflictError(
+            f"database {db.name} has an active job ({row.id}, {row.state}): wait for it to "
+            f"end or cancel it, then {doing}",
+            {"database": db.name, "job": row.id, "state": row.state},
+            code="database_busy",
+        )
+
+
+def update_database(
+    session: Session,
+    name: str,
+    body: DatabasePatch,
+    box: SecretBox,
+    actor: str,
+    who: Principal | None,
+    config: Config,
+) -> tuple[Database, Project]:
+    """Change a registration's URL (validated as on registration) and/or its tags (whole).
+
+    The row is locked as a job request locks it, so no job is requested in between;
+    refused (409 `database_busy`) while a job is active. Another dialect only
+    while no job ever ran on it (422 `dialect_change`): its history is of another
+    database then.
+    """
+    if body.url is None and body.tags is None:
+        raise InvalidError("send url, tags or both", {"field": "(body)"})
+    db = get_database(session, name, who, for_update=True)
+    url = None
+    if body.url is not None:
+        url = targets.normalize_url(body.url)
+        targets.check_target(url, config)
+    _refuse_busy(session, db, "change it")
+    project = session.get_one(Project, db.project_id)
+    data: dict[str, Any] = {}
+    if url is not None:
+        dialect = targets.dialect_of(url)
+        if dialect != db.dialect:
+            ran = session.scalar(
+                select(Job.id)
+                .where(Job.database_id == db.id, Job.started_at.is_not(None))
+                .order_by(Job.id.desc())
+                .limit(1)
+            )
+            if ran is not None:
+                raise InvalidError(
+                    f"database {name} is a {db.dialect} database and jobs ran on it (job "
+                    f"{ran}): a {dialect} URL names another database; register that under a "
+                    "name of its own",
+                    {"field": "url", "dialect": db.dialect, "new_dialect": dialect, "job": ran},
+                    code="dialect_change",
+                )
+        masked = targets.mask_url(url)
+        data.update(url=masked, previous_url=db.url_masked)
+        if dialect != db.dialect:
+            data.update(dialect=dialect, previous_dialect=db.dialect)
+        db.url_encrypted = box.encrypt(url.render_as_string(hide_password=False))
+        db.url_masked = masked
+        db.dialect = dialect
+    if body.tags is not None:
+        data.update(tags=body.tags, previous_tags=db.tags)
+        db.tags = body.tags
+    record_event(
+        session, "database.updated", actor=actor, project=project.name, database=db.name, data=data
     )
+    return db, project
+
+
+def remove_database(
+    session: Session, name: str, box: SecretBox, actor: str, who: Principal | None
+) -> None:
+    """Remove a registration and free its name; refused (409) while a job is active.
+
+    The row stays, for its jobs' history, under a name of its own (`name~id`)
+    with `removed_at` set, its URL's credentials dropped (only the masked URL is
+    kept) and its lease row deleted: no job can be requested for it again.
+    """
+    db = get_database(session, name, who, for_update=True)
+    _refuse_busy(session, db, "remove it")
+    project = session.get_one(Project, db.project_id)
+    suffix = f"~{db.id}"
+    db.name = name[: NAME_LENGTH - len(suffix)] + suffix
+    db.removed_at = utcnow()
+    # Not a target any more: nothing may connect to it, nor find its SQLite file.
+    db.url_encrypted = box.encrypt("")
+    session.execute(delete(Lease).where(Lease.database_id == db.id))
+    record_event(
+        session,
+        "database.removed",
+        actor=actor,
+        project=project.name,
+        database=name,
+        data={"url": db.url_masked, "tags": db.tags, "kept_as": db.name},
+    )
+
+
+def repair_database(
+    session: Session, name: str, body: RepairCreate, actor: str, who: Principal | None
+) -> dict[str, Any]:
+    """Accept the latest bundle's file for an applied revision whose file changed.
+
+    The fix for `revision_changed` when the change is harmless (a comment, a
+    reformatted line): the applied checksum becomes the bundle's. 422 when the
+    revision is not applied on the database or the bundle lacks it; 409
+    `nothing_to_repair` when the checksums already match.
+    """
+    # The applied row is locked, not the database's: a job's steps may write
+    # other applied rows meanwhile.
+    db = get_database(session, name, who)
+    project = session.get_one(Project, db.project_id)
+    bundle = get_bundle(session, project, "latest")
+    rev = body.revision
+    applied = session.get(AppliedRevision, (db.id, rev), with_for_update=True)
+    if applied is None:
+        raise InvalidError(
+            f"revision {rev} is not applied on {name}: there is no checksum to repair",
+            {"field": "revision", "revision": rev, "database": name},
+            code="revision_not_applied",
+        )
+    carried = next((r for r in bundle.revisions if r["id"] == rev), None)
+    if carried is None:
+        raise InvalidError(
+            f"the latest bundle of project {project.name} ({bundle.digest[:12]}) does not "
+            f"carry revision {rev}: push or promote one that does",
+            {"field": "revision", "revision": rev, "bundle": bundle.digest},
+            code="revision_not_in_bundle",
+        )
+    old, new = applied.sha256, carried["sha256"]
+    if old == new:
+        raise ConflictError(
+            f"revision {rev} on {name} was applied from the file the latest bundle carries "
+            f"(sha256 {new[:12]}): nothing to repair",
+            {"revision": rev, "sha256": new, "bundle": bundle.digest},
+            code="nothing_to_repair",
+        )
+    applied.sha256 = new
+    data = {"revision": rev, "old_sha256": old, "new_sha256": new, "bundle": bundle.digest}
+    record_event(
+        session, "database.repaired", actor=actor, project=project.name, database=db.name, data=data
+    )
+    return {"database": db.name, **data}
 
 
 def read_live_heads(
@@ -163,6 +325,8 @@ class DatabaseView:
     revisions: list[dict[str, Any]] | None
     lock: dict[str, Any]
     runtime: dict[str, Any] | None = None
+    # What stops jobs now, as far as the state database knows (see blocked_by).
+    blocked_by: tuple[dict[str, Any], ...] = ()
 
 
 def view_database(session: Session, name: str, who: Principal | None) -> DatabaseView:
@@ -171,16 +335,15 @@ def view_database(session: Session, name: str, who: Principal | None) -> Databas
     project = session.get_one(Project, db.project_id)
     bundle = latest_bundle(session, project)
     lease = session.get(Lease, db.id)
-    from service.jobs.models import Job  # jobs import databases
-
     runtime = session.scalar(
         select(Job.runtime)
         .where(Job.database_id == db.id, Job.started_at.is_not(None), Job.runtime.is_not(None))
         .order_by(Job.id.desc())
         .limit(1)
     )
+    blocked = blocked_by(session, db, project, bundle)
     return DatabaseView(
-        stored=serialize_database(db, project),
+        stored={**serialize_database(db, project), "blocked_by": blocked},
         url_encrypted=db.url_encrypted,
         settings=dict(project.settings),
         head=list(bundle.heads) if bundle else [],
@@ -191,7 +354,55 @@ def view_database(session: Session, name: str, who: Principal | None) -> Databas
             "held_by_job": lease.holder_job_id if lease else None,
         },
         runtime=runtime,
+        blocked_by=tuple(blocked),
     )
+
+
+def blocked_by(
+    session: Session, db: Database, project: Project, bundle: Bundle | None
+) -> list[dict[str, Any]]:
+    """What stops jobs on a database now, from the state database alone.
+
+    `revision_changed`: an applied revision's recorded sha256 differs from the
+    latest bundle's file (a job with that bundle fails so; see repair_database).
+    `drifted`: the newest drift check found differences.
+    """
+    blocks: list[dict[str, Any]] = []
+    if bundle is not None:
+        shas = {r["id"]: r["sha256"] for r in bundle.revisions}
+        applied = session.execute(
+            select(AppliedRevision.revision, AppliedRevision.sha256)
+            .where(AppliedRevision.database_id == db.id)
+            .order_by(AppliedRevision.revision)
+        )
+        for rev, sha in applied:
+            if rev in shas and sha and shas[rev] != sha:
+                blocks.append(
+                    {
+                        "code": "revision_changed",
+                        "message": f"revision {rev} was applied from another file (sha256 "
+                        f"{sha[:12]}) than the latest bundle carries ({shas[rev][:12]}): add a "
+                        "new revision instead, or accept the bundle's file "
+                        f"(POST /v1/databases/{db.name}/repair)",
+                        "revision": rev,
+                    }
+                )
+    if db.drifted:
+        refuse = ((project.settings or {}).get("drift") or {}).get("refuse_when_drifted")
+        blocks.append(
+            {
+                "code": "drifted",
+                "message": "the newest drift check found the schema differs from what the "
+                "bundle builds at its revision; "
+                + (
+                    "upgrades wait for approval (settings.drift.refuse_when_drifted)"
+                    if refuse
+                    else "upgrades still run (settings.drift.refuse_when_drifted is off)"
+                ),
+                "drift_checked_at": iso(db.drift_checked_at),
+            }
+        )
+    return blocks
 
 
 def show_live(view: DatabaseView, box: SecretBox, timeout_s: int) -> dict[str, Any]:
@@ -207,6 +418,16 @@ def show_live(view: DatabaseView, box: SecretBox, timeout_s: int) -> dict[str, A
         out["unknown_current"] = []
     out["lock"] = view.lock
     out["runtime"] = view.runtime
+    unknown = [
+        {
+            "code": "unknown_current_revision",
+            "message": f"the database is at {rev}, which the latest bundle does not contain: "
+            "push or promote a bundle that includes it",
+            "revision": rev,
+        }
+        for rev in out["unknown_current"]
+    ]
+    out["blocked_by"] = [*unknown, *view.blocked_by]
     return out
 
 
@@ -217,8 +438,7 @@ def unlock_database(session: Session, name: str, actor: str, who: Principal | No
     live migration is never cut off this way. The sweeper does the same on its
     own (it runs the job again instead); this is for a human when it is not running.
     """
-    from service.db import epoch_now, utcnow
-    from service.jobs.models import Job
+    from service.db import epoch_now
     from service.locks import ops as leases
 
     db = get_database(session, name, who)

@@ -16,6 +16,41 @@ class DatabaseCreate(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+class DatabasePatch(BaseModel):
+    """A change of a registration: a new URL (validated as on registration), tags (whole)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=1, max_length=2000)
+    tags: dict[str, str] | None = None
+
+
+class RepairCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # An applied revision whose file changed: the latest bundle's file is accepted.
+    revision: str = Field(min_length=1, max_length=64)
+
+
+class RepairOut(Out):
+    database: str
+    revision: str
+    # The bundle whose file is accepted (the project's latest).
+    bundle: str
+    old_sha256: str
+    new_sha256: str
+
+
+class Block(Out):
+    """Something that stops jobs on a database now."""
+
+    code: str
+    message: str
+    revision: str | None = None
+    # drifted: when the check that found the differences ran.
+    drift_checked_at: str | None = None
+
+
 class DatabaseLock(Out):
     fencing_token: int
     held_by_job: int | None
@@ -38,6 +73,9 @@ class DatabaseOut(Out):
     lock: DatabaseLock | None = None
     # What ran this database's latest job: {environment, python, sqlalchemy, alembic}.
     runtime: dict[str, Any] | None = None
+    # Only on `GET /v1/databases/{name}`: what stops jobs on it now (empty: nothing).
+    # revision_changed, drifted; unknown_current_revision only when read live.
+    blocked_by: list[Block] | None = None
 
 
 class DatabasePage(Out):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import re
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Row, Select, and_, bindparam, func, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Connection, Row, Select, and_, bindparam, select, update
+from sqlalchemy.orm import Session
 
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
@@ -15,7 +16,7 @@ from service.bundles.ops import get_bundle
 from service.databases.models import Database
 from service.databases.ops import get_database
 from service.db import iso, utcnow
-from service.errors import InvalidError, NotFoundError
+from service.errors import InvalidError, NotAnApproverError, NotFoundError
 from service.jobs.models import ACTIVE_STATES, Job, JobStep
 from service.jobs.schemas import JobCreate, JobList
 from service.jobs.targets import check_target
@@ -37,24 +38,21 @@ class Created(NamedTuple):
     document: dict[str, Any] | None
 
 
-_b = aliased(Bundle)
-# The database, its project and the project's latest bundle in one statement,
-# the database row locked: two requests for one database cannot both miss the
-# pending job (SQLite's BEGIN IMMEDIATE already serializes).
+# The database, its project and the project's latest bundle (the one pushed or
+# promoted last) in one statement, the database row locked: two requests for
+# one database cannot both miss the pending job (SQLite's BEGIN IMMEDIATE
+# already serializes), nor one slip in while its registration changes.
 _REQUEST_LATEST = (
     select(Database, Project, Bundle)
     .join(Project, Project.id == Database.project_id)
-    .outerjoin(
-        Bundle,
-        Bundle.pk == select(func.max(_b.pk)).where(_b.project_id == Project.id).scalar_subquery(),
-    )
-    .where(Database.name == bindparam("name"))
+    .outerjoin(Bundle, Bundle.pk == Project.latest_bundle_pk)
+    .where(Database.name == bindparam("name"), Database.removed_at.is_(None))
     .with_for_update(of=Database)
 )
 _REQUEST = (
     select(Database, Project)
     .join(Project, Project.id == Database.project_id)
-    .where(Database.name == bindparam("name"))
+    .where(Database.name == bindparam("name"), Database.removed_at.is_(None))
     .with_for_update(of=Database)
 )
 
@@ -90,6 +88,8 @@ def create_job(
     if bundle is None:
         bundle = get_bundle(session, project, ref)  # a digest, or the 404 of no bundle yet
     target = check_target(bundle, body.action, body.target)
+    if body.allow and who is not None:
+        check_allower(project, who)
     kind = "plan" if body.dry_run else "migrate"
     options = _options(body)
     if body.coalesce and not _RELATIVE.search(target):
@@ -123,6 +123,18 @@ def create_job(
     return _insert(
         session, db, project, bundle, kind, body.action, target, options, actor, dispatch
     )
+
+
+def check_allower(project: Project, who: Principal) -> None:
+    """`allow` accepts blocking findings in advance: only a token that may approve them."""
+    lint = (project.settings or {}).get("lint") or {}
+    if not (who.has_role("admin") or who.name in (lint.get("approvers") or ())):
+        raise NotAnApproverError(
+            f"{who.name} may not allow blocking lint codes for project {project.name}: an "
+            "admin token may, and the tokens named in the project's settings.lint.approvers "
+            "(or ask one of them to approve the job)",
+            {"project": project.name, "token": who.name},
+        )
 
 
 def _options(body: JobCreate) -> dict[str, Any] | None:
@@ -420,7 +432,9 @@ def check_visible(job_id: int, project: str, who: Principal | None) -> None:
 def _document(row: Row) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": row.id,
-        "database": row.database,
+        # A removed database's row is kept as "name~id" (names never hold "~"):
+        # its jobs keep showing the name they ran under.
+        "database": row.database.split("~", 1)[0],
         "project": row.project,
         "bundle": row.bundle,
         "kind": row.kind,
@@ -512,41 +526,39 @@ def job_etag(job: dict[str, Any]) -> str:
 def due_drift_checks(session: Session, limit: int = 200) -> list[int]:
     """Queue the drift checks that are due (project setting drift.check_interval_s).
 
-    A database is due when its newest check is older than its project's
-    interval (or it was never checked), it has a bundle, and no check of it is
-    pending. Returns the new jobs' ids, to send after the commit.
+    A database is due when no drift check of it was requested within its
+    project's interval, whatever became of the last one (a check that fails,
+    a revision that cannot build on an empty database, is tried once per
+    interval, not at every sweep), and its project has a bundle. Returns the
+    new jobs' ids, to send after the commit. A few statements per project.
     """
     now = utcnow()
     created: list[int] = []
-    projects = [
-        p
-        for p in session.scalars(select(Project))
-        if ((p.settings or {}).get("drift") or {}).get("check_interval_s")
-    ]
-    for project in projects:
-        interval = float(project.settings["drift"]["check_interval_s"])
-        pending = select(Job.id).where(
-            Job.database_id == Database.id, Job.kind == "drift", Job.state.in_(ACTIVE_STATES)
+    for project in session.scalars(select(Project).order_by(Project.id)):
+        interval = ((project.settings or {}).get("drift") or {}).get("check_interval_s")
+        if not interval or len(created) >= limit:
+            continue
+        has_bundle = select(Bundle.pk).where(Bundle.project_id == project.id).limit(1)
+        if session.scalar(has_bundle) is None:
+            continue
+        recent = select(Job.id).where(
+            Job.database_id == Database.id,
+            Job.kind == "drift",
+            (Job.created_at > now - dt.timedelta(seconds=float(interval)))
+            | Job.state.in_(ACTIVE_STATES),
         )
         due = session.scalars(
             select(Database.name)
-            .where(Database.project_id == project.id, ~pending.exists())
-            .order_by(Database.drift_checked_at.is_not(None), Database.drift_checked_at)
+            .where(
+                Database.project_id == project.id,
+                Database.removed_at.is_(None),
+                ~recent.exists(),
+            )
+            .order_by(Database.id)
             .limit(limit - len(created))
         ).all()
         for name in due:
-            db = session.scalar(select(Database).where(Database.name == name))
-            checked = db.drift_checked_at
-            if checked is not None and checked.tzinfo is None:
-                checked = checked.replace(tzinfo=now.tzinfo)
-            if checked is not None and (now - checked).total_seconds() < interval:
-                continue
-            try:
-                made = create_drift_check(session, name, "sweeper")
-            except NotFoundError:  # no bundle yet: nothing to compare with
-                continue
+            made = create_drift_check(session, name, "sweeper")
             if not made.coalesced:
                 created.append(made.job.id)
-        if len(created) >= limit:
-            break
     return created
