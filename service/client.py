@@ -94,6 +94,14 @@ class Unreachable(Exception):
         return {"error": {"code": self.code, "message": str(self), "details": {}}}
 
 
+class OutputError(Exception):
+    """Writing what Retort sent failed on this side (a closed pipe, a full disk)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class InvalidInput(Exception):
     """A URL, token or key this client cannot send: nothing was sent (exit 2)."""
 
@@ -341,9 +349,14 @@ class RetortClient:
             with self.opener.open(req, timeout=timeout) as resp:
                 size = 0
                 while chunk := resp.read(64 * 1024):
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:  # our own output (a closed pipe): not Retort's
+                        raise OutputError(exc) from exc
                     size += len(chunk)
                 return size
+        except OutputError as exc:
+            raise exc.error from None
         except urllib.error.HTTPError as exc:
             self._http_error(req, exc)
             raise Unreachable(

@@ -439,7 +439,7 @@ def test_a_closed_pipe_ends_quietly(prod, new_db):
     assert first.split()[0] == b"JOB" and err == b"", err
 
     # Closed before anything is written: every write meets the closed pipe.
-    for args in (["history", db], ["jobs", "--database", db, "--json"]):
+    for args in (["history", db], ["jobs", "--database", db, "--json"], ["audit", "export"]):
         with piped(prod, *args) as proc:
             proc.stdout.close()
             err = proc.stderr.read()

@@ -196,6 +196,8 @@ def test_twenty_identical_requests_queue_one_migration(prod, new_db):
     one = c.post("/v1/jobs", {"database": db, "target": "+1"}).body
     two = c.post("/v1/jobs", {"database": db, "target": "+1"}).body
     assert one["id"] != two["id"] and two["coalesced_into"] is None
+    first = c.wait_job(one["id"])
+    assert first["state"] == "succeeded", first
     assert c.wait_job(two["id"])["state"] == "succeeded"
     assert c.get(f"/v1/databases/{db}").body["current"] == ["b"]
 
