@@ -55,6 +55,14 @@ class Cli:
         if not self.as_json:
             click.echo(text)
 
+    def emit(self, doc: Any, show: Callable[[Any], None]) -> int:
+        """Print `doc`: the JSON document in --json mode, else as `show` prints it; exit 0."""
+        if self.as_json:
+            self.document(doc)
+        else:
+            show(doc)
+        return EXIT_OK
+
     def document(self, doc: Any) -> None:
         """Print the one JSON document of --json mode (or an error document)."""
         click.echo(json.dumps(doc, indent=2))

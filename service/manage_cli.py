@@ -155,11 +155,7 @@ def project_list(cli: Cli) -> int:
 def project_show(cli: Cli, name: str) -> int:
     """Show project NAME: every setting (as JSON) and its secret variables' names."""
     doc = cli.api.get(f"/v1/projects/{segment(name)}")
-    if cli.as_json:
-        cli.document(doc)
-        return EXIT_OK
-    _show_project(doc)
-    return EXIT_OK
+    return cli.emit(doc, _show_project)
 
 
 def _show_project(doc: dict[str, Any]) -> None:
@@ -259,11 +255,7 @@ def database_list(cli: Cli, project: str | None, tag: str | None) -> int:
 def database_show(cli: Cli, name: str) -> int:
     """Show database NAME: its current revisions (read live), head, pending, lock."""
     doc = cli.api.get(f"/v1/databases/{segment(name)}")
-    if cli.as_json:
-        cli.document(doc)
-        return EXIT_OK
-    _show_database(doc)
-    return EXIT_OK
+    return cli.emit(doc, _show_database)
 
 
 def _show_database(db: dict[str, Any]) -> None:
@@ -399,11 +391,7 @@ def bundle_list(cli: Cli, project_name: str, limit: int) -> int:
 def bundle_show(cli: Cli, project_name: str, ref: str) -> int:
     """Show bundle ID of PROJECT (an id, a unique prefix or latest) and its revision graph."""
     doc = cli.api.get(f"/v1/projects/{segment(project_name)}/bundles/{segment(ref)}")
-    if cli.as_json:
-        cli.document(doc)
-        return EXIT_OK
-    _show_bundle(doc)
-    return EXIT_OK
+    return cli.emit(doc, _show_bundle)
 
 
 def _show_bundle(doc: dict[str, Any]) -> None:

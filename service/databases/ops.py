@@ -267,8 +267,13 @@ def read_live_heads(
     with no state transaction open: a silent target must hold up nobody else.
     """
     url = targets.normalize_url(box.decrypt(url_encrypted))
-    if url.get_backend_name() == "sqlite" and not os.path.exists(url.database):
-        return [], None  # not created yet: at base (and a read must not create it)
+    if url.get_backend_name() == "sqlite":
+        if not os.path.exists(url.database):
+            return [], None  # not created yet: at base (and a read must not create it)
+        # Read-only: a journal the project's code wrote is never played back
+        # here (a hot journal's super-journal name could make SQLite delete a
+        # file of this process's choosing); such a database answers an error.
+        url = url.set(database=f"file:{url.database}?mode=ro", query={"uri": "true"})
     engine = targets.make_target_engine(url, timeout_s, read_timeout_s=timeout_s)
     try:
         with engine.connect() as conn:

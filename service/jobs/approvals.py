@@ -22,7 +22,7 @@ from service.databases.models import Database
 from service.db import iso, utcnow
 from service.errors import ConflictError, NotAnApproverError
 from service.jobs.models import WAITING_FOR_APPROVAL, Job
-from service.jobs.ops import get_job
+from service.jobs.ops import check_approver, get_job
 from service.principal import Principal
 from service.projects.models import Project
 
@@ -46,7 +46,7 @@ def decide(
             code="not_waiting_for_approval",
         )
     if not (decision == "rejected" and who.name == job.requested_by):
-        check_approver(project, job, who)  # a requester may withdraw, never approve, its job
+        check_decider(project, job, who)  # a requester may withdraw, never approve, its job
     blocking = (job.findings or {}).get("blocking") or []
     codes = sorted({f.get("code") for f in blocking if isinstance(f, dict)})
     if decision == "approved" and job.approval and job.approval.get("decision") == "approved":
@@ -112,15 +112,10 @@ def decide(
     return job
 
 
-def check_approver(project: Project, job: Job, who: Principal) -> None:
-    """Refuse a token that may not decide on this job (403 with the reason)."""
+def check_decider(project: Project, job: Job, who: Principal) -> None:
+    """Refuse (403) a token that may not approve this job: not an approver, or its requester."""
+    check_approver(project, who, "approve or reject")
     lint = (project.settings or {}).get("lint") or {}
-    if not (who.has_role("admin") or who.name in (lint.get("approvers") or ())):
-        raise NotAnApproverError(
-            f"{who.name} may not approve or reject jobs of project {project.name}: an admin "
-            "token may, and the tokens named in the project's settings.lint.approvers",
-            {"project": project.name, "token": who.name},
-        )
     if who.name == job.requested_by and not lint.get("self_approve"):
         raise NotAnApproverError(
             f"{who.name} requested job {job.id}: another token must approve it (or set the "

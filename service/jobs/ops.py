@@ -89,7 +89,8 @@ def create_job(
         bundle = get_bundle(session, project, ref)  # a digest, or the 404 of no bundle yet
     target = check_target(bundle, body.action, body.target)
     if body.allow and who is not None:
-        check_allower(project, who)
+        # Allowing in advance is approving.
+        check_approver(project, who, "allow blocking lint codes for")
     kind = "plan" if body.dry_run else "migrate"
     options = _options(body)
     if body.coalesce and not _RELATIVE.search(target):
@@ -125,14 +126,14 @@ def create_job(
     )
 
 
-def check_allower(project: Project, who: Principal) -> None:
-    """`allow` accepts blocking findings in advance: only a token that may approve them."""
+def check_approver(project: Project, who: Principal, what: str) -> None:
+    """Refuse (403) a token that may not decide on the project's blocking lint findings:
+    an admin token may, and the tokens named in its settings.lint.approvers."""
     lint = (project.settings or {}).get("lint") or {}
     if not (who.has_role("admin") or who.name in (lint.get("approvers") or ())):
         raise NotAnApproverError(
-            f"{who.name} may not allow blocking lint codes for project {project.name}: an "
-            "admin token may, and the tokens named in the project's settings.lint.approvers "
-            "(or ask one of them to approve the job)",
+            f"{who.name} may not {what} jobs of project {project.name}: an admin token may, "
+            "and the tokens named in the project's settings.lint.approvers",
             {"project": project.name, "token": who.name},
         )
 

@@ -85,9 +85,11 @@ def succeed_with_result(
         )
         result["findings"] = verdict.blocking + verdict.allowed + verdict.warnings
         result["would_block"] = sorted({f["code"] for f in verdict.blocking})
-    result = _scrubbed(json.loads(json.dumps(result, default=str)), url)
-    text = json.dumps(result)
-    if len(text) > MAX_RESULT_BYTES:
+    result = _scrubbed(result, url)
+    text = json.dumps(result, default=str)
+    if len(text) <= MAX_RESULT_BYTES:
+        result = json.loads(text)  # plain JSON only, as stored
+    else:
         keep = ("mode", "dialect", "from_heads", "to_heads", "nothing_to_do", "drifted", "heads")
         keep += ("would_block", "scratch")
         result = {k: result[k] for k in keep if k in result}

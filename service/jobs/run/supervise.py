@@ -299,11 +299,11 @@ class JobRun:
             cache[ctx.project_id] = files
         return files
 
-    def _take_runner(self) -> RunnerProcess:
+    def _take_runner(self, spec: RunnerSpec | None = None) -> RunnerProcess:
         if self.runner is None:
             info = self.plan.bundle
             try:
-                self.runner = self.ctx.process.pool.take(self._spec())
+                self.runner = self.ctx.process.pool.take(spec or self._spec())
                 # Verified before every use: the runner's own copy if it has one
                 # (a warm runner), else the cache's, then linked for it.
                 staged, problem = self.runner.staged(info.digest, info.files)
@@ -433,14 +433,14 @@ class JobRun:
         bound files are the files at their paths (RunnerProcess.binds_current)
         takes the database's lock for the job.
         """
-        hold = None
+        hold, spec = None, None
         if self._is_sqlite() and self.sandbox is not None and self.sandbox.mode == "bwrap":
             prepare_for_sandbox(self.url.database)
-            self._spec()  # reads (and prepares) the project's files before the hold
+            spec = self._spec()  # reads (and prepares) the project's files before the hold
             if not is_wal(self.url.database):
                 hold = CommitHold(self.url.database, self.config.lock_wait_timeout_s)
         try:
-            self._take_runner()
+            self._take_runner(spec)
             self._send(self._job_message(early=early))
             return self._until_locked()
         finally:
