@@ -37,6 +37,7 @@ from service.idempotency import ops as idempotency
 from service.idempotency.ops import check_key
 from service.jobs.cache import FinishedJobs
 from service.jobs.run.sandbox import probe
+from service.jobs.wakeups import Wakeups
 from service.jobs.watch import JobWatcher
 from service.limits import RequestLimits, hold_request, load_json, refusal_event
 from service.openapi import DOCS_PAGE, build_spec
@@ -65,6 +66,7 @@ class Services:
     watcher: JobWatcher
     finished_jobs: FinishedJobs
     limits: RequestLimits
+    wakeups: Wakeups
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -98,6 +100,7 @@ def create_app(config: Config | None = None) -> Flask:
         ),
         finished_jobs=FinishedJobs(),
         limits=limits,
+        wakeups=Wakeups(config.broker_url, config.queue),
     )
 
     from service.audit.api import bp as audit_bp
@@ -105,10 +108,20 @@ def create_app(config: Config | None = None) -> Flask:
     from service.databases.api import bp as databases_bp
     from service.jobs.api import bp as jobs_bp
     from service.projects.api import bp as projects_bp
+    from service.rollouts.api import bp as rollouts_bp
     from service.tokens.api import bp as tokens_bp
     from service.webhooks.api import bp as webhooks_bp
 
-    for bp in (projects_bp, bundles_bp, databases_bp, jobs_bp, audit_bp, webhooks_bp, tokens_bp):
+    for bp in (
+        projects_bp,
+        bundles_bp,
+        databases_bp,
+        jobs_bp,
+        rollouts_bp,
+        audit_bp,
+        webhooks_bp,
+        tokens_bp,
+    ):
         app.register_blueprint(bp, url_prefix="/v1")
 
     @app.before_request

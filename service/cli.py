@@ -363,12 +363,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 from service.audit_cli import register as register_audit  # noqa: E402
 from service.client_cli import register  # noqa: E402
 from service.manage_cli import register as register_manage  # noqa: E402
+from service.rollout_cli import register as register_rollout  # noqa: E402
 from service.safety_cli import register as register_safety  # noqa: E402
 
 register(main)
 register_manage(main)
 register_audit(main)
 register_safety(main)
+register_rollout(main)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ EMBEDDED_TOKEN_FILE = Path("retort-data") / "admin-token"
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # Error codes that mean "Retort refused to do something unsafe", not "it broke".
 SAFETY_CODES = frozenset({"multiple_heads", "revision_changed", "unknown_current_revision"})
+# What POST /v1/rollouts/{id}/ACTION accepts (docs/rollouts.md).
+ROLLOUT_ACTIONS = frozenset({"pause", "resume", "abort", "retry-failed"})
 
 MAX_LONG_POLL_S = 30
 # Connection errors and 502/503/504 are retried this many times in all, with backoff.
@@ -436,19 +439,17 @@ class RetortClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         etag: str | None = None
         last: dict[str, Any] | None = None
-        lost_at: float | None = None  # when the connection was lost; None while it is up
-        lost_reason = ""
-        backoff = RECONNECT_FIRST_S
+        link = _Link(notify, deadline is not None, f"job {job_id}")
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(last, timeout or 0, lost_reason if lost_at else None)
+                raise WaitTimeout(last, timeout or 0, link.reason)
             query: dict[str, Any] = {}
             headers: dict[str, str] = {}
             wait = 0.0
             # The first request only fetches the current state, and so does each one
             # after a lost connection: it reports the reconnection at once.
-            if last is not None and lost_at is None:
+            if last is not None and not link.down:
                 limit = MAX_LONG_POLL_S if remaining is None else remaining
                 wait = round(max(0.1, min(MAX_LONG_POLL_S, limit)), 1)
                 query["wait"] = wait
@@ -467,29 +468,13 @@ class RetortClient:
             except (Unreachable, ApiError) as exc:
                 if not (self.answered and _retryable(exc)):
                     raise
-                if lost_at is None:
-                    lost_at = time.monotonic()
-                    backoff = RECONNECT_FIRST_S
-                    if notify:
-                        until = "until the timeout" if deadline is not None else "until it answers"
-                        notify(f"lost the connection to Retort ({exc}); retrying {until}")
-                lost_reason = str(exc)
-                pause = backoff
-                if isinstance(exc, ApiError):
-                    pause = min(_retry_after(exc.headers) or pause, MAX_LONG_POLL_S)
-                backoff = min(backoff * 2, RECONNECT_MAX_S)
+                pause = link.lost(exc)
                 if deadline is not None:
                     pause = min(pause, deadline - time.monotonic())
                 if pause > 0:
                     time.sleep(pause)
                 continue
-            if lost_at is not None:
-                if notify:
-                    notify(
-                        f"connection to Retort back after {time.monotonic() - lost_at:.0f} s; "
-                        f"still waiting for job {job_id}"
-                    )
-                lost_at = None
+            link.back()
             new_etag = _header(reply.headers, "ETag")
             changed = reply.status != 304 and (
                 reply.body != last if not (new_etag and etag) else new_etag != etag
@@ -509,6 +494,141 @@ class RetortClient:
                 pause = min(pause, deadline - time.monotonic())
             if pause is not None and pause > 0:
                 time.sleep(min(pause, MAX_LONG_POLL_S))
+
+    # ------------------------------------------------------------ rollouts (docs/rollouts.md)
+
+    def start_rollout(
+        self, body: dict[str, Any], idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Start a rollout; return (rollout, True if the key had already started it).
+
+        Without a key, one is made for this call: its retries never start a second one.
+        """
+        key = check_idempotency_key(idempotency_key or str(uuid.uuid4()))
+        reply = self.request(
+            "POST", "/v1/rollouts", json_body=body, headers={"Idempotency-Key": key}
+        )
+        return reply.body, _replayed(reply)
+
+    def rollout(self, rollout_id: int) -> dict[str, Any]:
+        """The rollout: its state, counts and waves."""
+        return self.get(f"/v1/rollouts/{rollout_id}")
+
+    def rollout_databases(
+        self,
+        rollout_id: int,
+        state: str | None = None,
+        wave: int | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of the rollout's databases ({"databases": [...], "next_cursor": ...})."""
+        return self.get(
+            f"/v1/rollouts/{rollout_id}/databases",
+            state=state,
+            wave=wave,
+            cursor=cursor,
+            limit=limit,
+        )
+
+    def rollout_action(self, rollout_id: int, action: str) -> dict[str, Any]:
+        """POST pause, resume, abort or retry-failed; return the rollout.
+
+        Sent once, never retried: a repeat that the first one answered would be
+        refused (409) for the state the first one made.
+        """
+        if action not in ROLLOUT_ACTIONS:
+            raise ValueError(f"not a rollout action: {action}")
+        req = self._build("POST", f"/v1/rollouts/{rollout_id}/{action}", json_body={})
+        return self._send(req, 30).body
+
+    def list_rollouts(self, project: str) -> dict[str, Any]:
+        """A project's rollouts, newest first ({"rollouts": [...], ...})."""
+        return self.get("/v1/rollouts", project=project)
+
+    def poll_rollout(
+        self,
+        rollout_id: int,
+        timeout: float | None,
+        notify: Callable[[str], None] | None = None,
+        interval: float = 1.0,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the rollout about every `interval` seconds until the caller stops; raise
+        WaitTimeout (its `job` is the last rollout seen) at the deadline.
+
+        A lost connection once Retort has answered is retried until the deadline, as
+        in watch_job, with one `notify` line when it is lost and one when it is back.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        path = f"/v1/rollouts/{rollout_id}"
+        last: dict[str, Any] | None = None
+        link = _Link(notify, deadline is not None, f"rollout {rollout_id}")
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise WaitTimeout(last, timeout or 0, link.reason)
+            limit_s = 30.0 if remaining is None else min(30.0, remaining + 5)
+            started = time.monotonic()
+            try:
+                if not self.answered:
+                    reply = self.request("GET", path, timeout=limit_s)
+                else:
+                    reply = self._send(self._build("GET", path), limit_s)
+            except (Unreachable, ApiError) as exc:
+                if not (self.answered and _retryable(exc)):
+                    raise
+                pause = link.lost(exc)
+            else:
+                link.back()
+                last = reply.body
+                yield last
+                pause = _retry_after(reply.headers) or interval - (time.monotonic() - started)
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+            if pause > 0:
+                time.sleep(min(pause, MAX_LONG_POLL_S))
+
+
+class _Link:
+    """A waiting client's connection to Retort: lost (one line, doubling pauses), then back."""
+
+    def __init__(self, notify, bounded: bool, what: str) -> None:
+        self._notify, self._bounded, self._what = notify, bounded, what
+        self._lost_at: float | None = None  # when it was lost; None while it is up
+        self._reason = ""
+        self._backoff = RECONNECT_FIRST_S
+
+    @property
+    def down(self) -> bool:
+        return self._lost_at is not None
+
+    @property
+    def reason(self) -> str | None:
+        """Why it is down (None while it is up)."""
+        return self._reason if self.down else None
+
+    def lost(self, exc: Exception) -> float:
+        """A request failed: say so the first time; return how long to pause."""
+        if self._lost_at is None:
+            self._lost_at, self._backoff = time.monotonic(), RECONNECT_FIRST_S
+            if self._notify:
+                until = "until the timeout" if self._bounded else "until it answers"
+                self._notify(f"lost the connection to Retort ({exc}); retrying {until}")
+        self._reason = str(exc)
+        pause = self._backoff
+        if isinstance(exc, ApiError):
+            pause = min(_retry_after(exc.headers) or pause, MAX_LONG_POLL_S)
+        self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
+        return pause
+
+    def back(self) -> None:
+        """A request was answered: say so if the connection had been lost."""
+        if self._lost_at is not None and self._notify:
+            self._notify(
+                f"connection to Retort back after {time.monotonic() - self._lost_at:.0f} s; "
+                f"still waiting for {self._what}"
+            )
+        self._lost_at = None
 
 
 def job_exit_code(job: dict[str, Any]) -> int:

@@ -50,7 +50,7 @@ def _settings(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
     return out
 
 
-def _tags(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+def tag_pairs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
     """K=V pairs as a dict of strings."""
     out: dict[str, str] = {}
     for text in values:
@@ -217,7 +217,9 @@ def database() -> None:
 @click.argument("name")
 @click.option("--project", required=True, help="The project whose revisions it gets.")
 @click.option("--url", "target_url", required=True, help="SQLAlchemy URL (stored encrypted).")
-@click.option("--tag", "tags", metavar="K=V", multiple=True, callback=_tags, help="A tag (repeat).")
+@click.option(
+    "--tag", "tags", metavar="K=V", multiple=True, callback=tag_pairs, help="A tag (repeat)."
+)
 def database_add(cli: Cli, name: str, project: str, target_url: str, tags: dict[str, str]) -> int:
     """Register target database NAME of a project (the URL is only ever shown masked)."""
     body = {"name": name, "project": project, "url": target_url, "tags": tags}
@@ -292,7 +294,7 @@ def _blocked(block: Any) -> str:
 @click.argument("name")
 @click.option("--url", "target_url", help="A new SQLAlchemy URL (stored encrypted).")
 @click.option(
-    "--tag", "tags", metavar="K=V", multiple=True, callback=_tags, help="Set a tag (repeat)."
+    "--tag", "tags", metavar="K=V", multiple=True, callback=tag_pairs, help="Set a tag (repeat)."
 )
 @click.option(
     "--untag", "untag", metavar="K", multiple=True, callback=_keys, help="Remove a tag (repeat)."

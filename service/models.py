@@ -8,6 +8,7 @@ from service.idempotency.models import IdempotencyKey
 from service.jobs.models import Job, JobStep
 from service.locks.models import Lease
 from service.projects.models import Project
+from service.rollouts.models import Rollout, RolloutDatabase
 from service.tokens.models import ApiToken
 from service.webhooks.models import Webhook, WebhookDelivery
 
@@ -25,6 +26,8 @@ __all__ = [
     "JobStep",
     "Lease",
     "Project",
+    "Rollout",
+    "RolloutDatabase",
     "Webhook",
     "WebhookDelivery",
 ]

@@ -24,7 +24,10 @@ from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transa
 from service.idempotency.ops import purge_expired
 from service.jobs import sweeper
 from service.jobs.ops import due_drift_checks
+from service.jobs.wakeups import Wakeups
 from service.queue import Dispatcher
+from service.rollouts.drive import drive
+from service.rollouts.ops import running_rollouts
 from service.webhooks import outbox
 from service.webhooks.delivery import deliveries_to_resend, post_signed
 
@@ -45,6 +48,7 @@ class Sweeper:
         self._signing_key = checkpoints.load_signing_key(config.audit_signing_key_path)
         self._checkpoint_at = 0.0
         self._drift_at = 0.0
+        self._wakeups = Wakeups(config.broker_url, config.queue)
 
     def checkpoint(self) -> dict | None:
         """Sign the audit chain's head and copy it out of the database, if it grew."""
@@ -84,6 +88,17 @@ class Sweeper:
             if broker_lost:  # only once every queued job has a message again
                 broker.set(key, lost_before.isoformat())
         with transaction(self._sessions) as s:
+            parked = sweeper.parked_to_wake(s, config.lease_ttl_s, config.lock_wait_timeout_s)
+        for job_id in parked:
+            self._dispatcher.send_job(job_id)
+        with transaction(self._sessions) as s:
+            rollouts = running_rollouts(s)
+        for rollout_id in rollouts:  # a rollout whose wake-up was lost moves on here
+            try:
+                drive(self._sessions, self._dispatcher, self._wakeups, rollout_id)
+            except Exception:  # noqa: BLE001 - the sweep's other duties go on
+                log.exception("sweeper: moving rollout %s on failed", rollout_id)
+        with transaction(self._sessions) as s:
             deliveries = deliveries_to_resend(s)
         for delivery_id in deliveries:
             self._dispatcher.send_delivery(delivery_id)
@@ -118,6 +133,7 @@ class Sweeper:
             "deliveries": deliveries,
             "purged": purged,
             "drift_checks": drift,
+            "parked_woken": parked,
         }
 
     def run(self, stop: threading.Event) -> None:

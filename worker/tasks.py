@@ -122,6 +122,7 @@ def _on_pool_process_start(**_):
     signal.signal(signal.SIGUSR2, lambda *_: _process().request_shutdown(config.shutdown_grace_s))
     _settle_heap()
     _process().pool.prime()  # a spare runner, started before the first job needs one
+    _process().start_waker()  # parked jobs and rollouts due again (service.jobs.wakeups)
 
 
 @signals.worker_process_shutdown.connect

@@ -132,7 +132,9 @@ def _append_pending(session: Session) -> None:
         conn.execute(_SET_HASH, {"new_hash": prev_hash})
     hooks: dict[str, list] = {}
     for row in rows:
-        enqueue_deliveries(session, row["action"], row["project"], row["job_id"], hooks)
+        enqueue_deliveries(
+            session, row["action"], row["project"], row["job_id"], hooks, row["data"]
+        )
 
 
 @sa_event.listens_for(Session, "after_transaction_end")

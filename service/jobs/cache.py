@@ -11,8 +11,9 @@ in the document. Steps are only inserted by fenced writes. Databases,
 projects and bundles are never renamed nor deleted, so the names in the
 document stay true. A job that is not final is always read fresh.
 
-The lease wait (`runner._acquire_lease`) reads the job's state with the row
-locked before its grant writes `fencing_token` and `lock_waited_ms`, so a
+The lease is granted in the claim's transaction, whose first write is the
+conditional claim (queued, or parked: see jobs.run.admission): the job's row
+is locked before the grant writes `fencing_token` and `lock_waited_ms`, so a
 cancel or hand-over cannot slip in between; a job whose database is already at
 its target is started and finished in one conditional transaction.
 """

@@ -47,6 +47,12 @@ class Job(Base):
     fencing_token: Mapped[int | None] = mapped_column(BigInteger, default=None)
     lock_waited_ms: Mapped[int | None] = mapped_column(Integer, default=None)
     waiting_on_job_id: Mapped[int | None] = mapped_column(default=None)
+    # A parked job (waiting_for_lock with no worker, see jobs.run.admission):
+    # what it waits for ("lease" or "project_slot"), and since when it waits.
+    waiting_for: Mapped[str | None] = mapped_column(String(20), default=None)
+    waiting_since: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # The rollout this job is one database's part of (docs/rollouts.md).
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), default=None)
     # When the message was last handed to the broker (None: it never was).
     dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)

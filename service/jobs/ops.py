@@ -121,7 +121,7 @@ def create_job(
                 data={"action": body.action, "target": target, "bundle": bundle.digest},
             )
             return Created(pending, True, None)
-    return _insert(
+    return insert_job(
         session, db, project, bundle, kind, body.action, target, options, actor, dispatch
     )
 
@@ -148,7 +148,7 @@ def _options(body: JobCreate) -> dict[str, Any] | None:
     return options or None
 
 
-def _insert(
+def insert_job(
     session: Session,
     db: Database,
     project: Project,
@@ -159,6 +159,7 @@ def _insert(
     options: dict[str, Any] | None,
     actor: str,
     dispatch: bool,
+    rollout_id: int | None = None,
 ) -> Created:
     now = utcnow()
     job = Job(
@@ -174,6 +175,7 @@ def _insert(
         requested_by=actor,
         created_at=now,
         dispatched_at=now if dispatch else None,
+        rollout_id=rollout_id,
     )
     session.add(job)
     session.flush()
@@ -190,6 +192,7 @@ def _insert(
             "target": job.target,
             "bundle": bundle.digest,
             **(options or {}),
+            **({"rollout": rollout_id} if rollout_id else {}),
         },
     )
     return Created(job, False, _new_document(job, db.name, project.name, bundle.digest))
@@ -220,7 +223,7 @@ def create_drift_check(
     )
     if pending is not None:
         return Created(pending, True, None)
-    return _insert(session, db, project, bundle, "drift", "drift", "current", None, actor, True)
+    return insert_job(session, db, project, bundle, "drift", "drift", "current", None, actor, True)
 
 
 def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[str, Any]:
@@ -250,6 +253,7 @@ def _new_document(job: Job, database: str, project: str, bundle: str) -> dict[st
         "approval": None,
         "options": job.options,
         "result": None,
+        "rollout": job.rollout_id,
         "steps": [],
     }
 
@@ -366,6 +370,8 @@ def _documents(*columns) -> Select:
             _jobs.c.started_at,
             _jobs.c.finished_at,
             _jobs.c.waiting_on_job_id,
+            _jobs.c.waiting_for,
+            _jobs.c.rollout_id,
             _jobs.c.findings,
             _jobs.c.approval,
             _jobs.c.options,
@@ -461,10 +467,13 @@ def _document(row: Row) -> dict[str, Any]:
         "approval": row.approval,
         "options": row.options,
         "result": row.result,
+        "rollout": row.rollout_id,
     }
     if row.state == "waiting_for_lock":
         holder = row.waiting_on_job_id or row.lease_holder
         out["lock"]["held_by_job"] = holder if holder != row.id else None
+        if row.waiting_for and row.worker is None:
+            out["lock"]["waiting_for"] = row.waiting_for
     return out
 
 

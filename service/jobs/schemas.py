@@ -109,6 +109,9 @@ class JobLock(Out):
     fencing_token: int | None
     waited_ms: int | None
     held_by_job: int | None = None
+    # While parked with no worker: "lease" (another job holds the database) or
+    # "project_slot" (the project's settings.max_running_jobs are running).
+    waiting_for: str | None = None
 
 
 class StepOut(Out):
@@ -162,6 +165,8 @@ class JobOut(Out):
     options: dict[str, Any] | None = None
     # A plan's answer (kind "plan") or a drift check's (kind "drift").
     result: dict[str, Any] | None = None
+    # The rollout this job is one database's part of (docs/rollouts.md).
+    rollout: int | None = None
     steps: list[StepOut] | None = None
     # On `POST /v1/jobs`: the id of the pending job this request attached to, if any.
     coalesced_into: int | None = None

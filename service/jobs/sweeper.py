@@ -62,6 +62,49 @@ def jobs_to_redispatch(
     return ids
 
 
+def parked_to_wake(
+    session: Session, lease_ttl_s: float, lock_wait_timeout_s: float, limit: int = 500
+) -> list[int]:
+    """Parked jobs (waiting with no worker) whose wake-up may have been lost; mark them sent.
+
+    Waiting for the lease: the lease is free or expired, or the wait timed out.
+    Waiting for a project slot: not sent again for a lease TTL.
+    """
+    now = utcnow()
+    epoch = epoch_now(session.bind.dialect.name)
+    quiet = or_(Job.dispatched_at.is_(None), Job.dispatched_at < now - dt.timedelta(seconds=2))
+    parked = and_(Job.state == "waiting_for_lock", Job.worker.is_(None))
+    on_lease = (
+        select(Job.id)
+        .outerjoin(Lease, Lease.database_id == Job.database_id)
+        .where(
+            parked,
+            quiet,
+            Job.waiting_for == "lease",
+            or_(
+                Lease.holder_job_id.is_(None),
+                Lease.expires_at < epoch,
+                Job.waiting_since < now - dt.timedelta(seconds=lock_wait_timeout_s),
+            ),
+        )
+    )
+    on_slot = select(Job.id).where(
+        parked,
+        Job.waiting_for == "project_slot",
+        or_(
+            Job.dispatched_at.is_(None),
+            Job.dispatched_at < now - dt.timedelta(seconds=lease_ttl_s),
+        ),
+        Job.waiting_since < now - dt.timedelta(seconds=lease_ttl_s),
+    )
+    ids = sorted(
+        set(session.scalars(on_lease.limit(limit))) | set(session.scalars(on_slot.limit(limit)))
+    )
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(dispatched_at=now))
+    return ids
+
+
 def recover_lost_jobs(session: Session, max_attempts: int) -> dict[str, list[int]]:
     """Hand over the jobs whose worker stopped: their lease or their claim expired."""
     now = epoch_now(session.bind.dialect.name)

@@ -82,6 +82,24 @@ def try_acquire(session: Session, database_id: int, job_id: int, holder: str, tt
     return None, lease.holder_job_id
 
 
+_READ_EXPIRY_LOCKED = (
+    select(_leases.c.holder_job_id, _leases.c.expires_at)
+    .where(_leases.c.database_id == bindparam("p_database_id"))
+    .with_for_update()
+)
+
+
+def holder_locked(session: Session, database_id: int) -> tuple[int | None, float | None]:
+    """The lease's holder job and expiry (epoch s), the row locked till the caller's commit.
+
+    A waiter that parks reads this before it does: a holder releasing the lease
+    meanwhile either commits first (the waiter sees it free) or waits for the
+    waiter's commit (and then finds it parked when it wakes the waiters).
+    """
+    row = session.connection().execute(_READ_EXPIRY_LOCKED, {"p_database_id": database_id}).one()
+    return row.holder_job_id, row.expires_at
+
+
 def renew(session: Session, database_id: int, token: int, ttl: float) -> bool:
     conn = session.connection()
     params = {"p_database_id": database_id, "p_token": token, "ttl": ttl}

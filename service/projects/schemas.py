@@ -88,6 +88,9 @@ class ProjectSettings(BaseModel):
     # A job's wall-clock limit (default RETORT_JOB_MAX_DURATION_S): past it the
     # job fails with `timeout`, its running step rolled back, the lease freed.
     max_duration_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    # At most this many of the project's jobs run at once (None: no limit); the
+    # others are parked without a worker slot until one ends (docs/rollouts.md).
+    max_running_jobs: int | None = Field(default=None, ge=1, le=10_000)
     # Python requirements the revisions need (pip requirement lines). A bundle's
     # requirements.txt is used when this is empty (docs/environments.md).
     requirements: list[Annotated[str, StringConstraints(max_length=1000)]] = Field(

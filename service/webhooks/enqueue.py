@@ -35,6 +35,7 @@ def enqueue_deliveries(
     project: str | None,
     job_id: int | None,
     known: dict[str, list] | None = None,
+    data: dict | None = None,
 ):
     """Write one delivery per subscribed webhook, in the caller's transaction (an outbox).
 
@@ -42,7 +43,8 @@ def enqueue_deliveries(
     event it reports, and is sent after the commit (see webhooks.outbox).
     `known` keeps each project's active webhooks across the events of one commit.
     """
-    if event not in EVENTS or project is None or job_id is None:
+    rollout = event.startswith("rollout.")
+    if event not in EVENTS or project is None or (job_id is None and not rollout):
         return
     known = {} if known is None else known
     if project not in known:
@@ -50,9 +52,13 @@ def enqueue_deliveries(
     hooks = [h for h in known[project] if event in h.events]
     if not hooks:
         return
-    from service.jobs.ops import read_job  # jobs.ops imports audit, which calls us
+    if rollout:
+        # The rollout as the event saw it (its id, state, wave and counts).
+        body: dict = {"rollout": data or {}}
+    else:
+        from service.jobs.ops import read_job  # jobs.ops imports audit, which calls us
 
-    job_doc = read_job(session, job_id, with_steps=False)
+        body = {"job": read_job(session, job_id, with_steps=False)}
     for hook in hooks:
         uid = str(uuid.uuid4())
         delivery = WebhookDelivery(
@@ -60,7 +66,7 @@ def enqueue_deliveries(
             uid=uid,
             event=event,
             job_id=job_id,
-            payload={"id": uid, "event": event, "job": job_doc},
+            payload={"id": uid, "event": event, **body},
         )
         session.add(delivery)
         session.flush()

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.projects.schemas import Out
 
-# Job events a project can subscribe to (the audit actions of the same name).
+# Events a project can subscribe to (the audit actions of the same name).
 EVENTS = (
     "job.started",
     "job.succeeded",
@@ -16,6 +16,13 @@ EVENTS = (
     "job.approved",
     "job.rejected",
     "database.drift_detected",
+    # A rollout's (docs/rollouts.md): the payload carries the rollout, not a job.
+    "rollout.started",
+    "rollout.wave_finished",
+    "rollout.halted",
+    "rollout.succeeded",
+    "rollout.failed",
+    "rollout.aborted",
 )
 Event = Literal[EVENTS]  # type: ignore[valid-type] - the same names, written once
 

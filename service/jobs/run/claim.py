@@ -8,16 +8,19 @@ from sqlalchemy import update
 
 from service.db import autocommit, transaction
 from service.jobs.models import Job
+from service.jobs.run import admission
 from service.jobs.run.bundles import bundle_info
 from service.jobs.run.context import JobContext, WorkerProcess
 from service.jobs.run.supervise import JobRun, Plan
 from service.jobs.run.transitions import QUEUED_JOB
+from service.rollouts.drive import drive
 
 log = logging.getLogger("retort.worker")
 
 
 def run_job(process: WorkerProcess, job_id: int) -> str:
-    """Run a job to its end; return what became of it ("done", "not_claimed", "not_started")."""
+    """Run a job to its end; return what became of it ("done", "not_claimed", "not_started",
+    "parked")."""
     if process.shutdown_deadline is not None:
         # Shutting down: leave the job queued, marked unsent, so the sweeper
         # hands it to another worker at its next round.
@@ -30,7 +33,10 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         return "not_claimed"
     with autocommit(process.sessions.kw["bind"]) as conn:  # a read: no BEGIN/COMMIT round trips
         job = conn.execute(QUEUED_JOB, {"job_id": job_id}).one_or_none()
-        queued = job is not None and job.state == "queued"
+        # Queued, or parked: waiting with no worker (see admission).
+        queued = job is not None and (
+            job.state == "queued" or (job.state == "waiting_for_lock" and job.worker is None)
+        )
         bundle = bundle_info(process, conn, job.bundle_pk) if queued else None
     if bundle is None:
         log.info("job %s not claimed (state %s)", job_id, job.state if job else "missing")
@@ -50,6 +56,10 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         requested_by=job.requested_by,
         tags=job.tags or {},
         drifted=bool(job.drifted),
+        waiting_for=job.waiting_for,
+        waiting_on=job.waiting_on_job_id,
+        waiting_since=job.waiting_since,
+        rollout_id=job.rollout_id,
     )
     ctx = JobContext(
         job_id=job_id,
@@ -60,4 +70,19 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         settings=job.settings,
         process=process,
     )
-    return JobRun(ctx, plan).run()
+    outcome = JobRun(ctx, plan).run()
+    if outcome == "done":
+        after_job(ctx, plan.rollout_id)
+    return outcome
+
+
+def after_job(ctx: JobContext, rollout_id: int | None) -> None:
+    """The job ended: send the jobs it kept waiting, and move its rollout on."""
+    process = ctx.process
+    try:
+        for job_id in admission.wake_waiters(ctx):
+            process.dispatcher.send_job(job_id)
+        if rollout_id is not None:
+            drive(process.sessions, process.dispatcher, process.wakeups, rollout_id)
+    except Exception:  # noqa: BLE001 - the sweeper's rounds do it when this fails
+        log.exception("job %s: waking its waiters or its rollout failed", ctx.job_id)

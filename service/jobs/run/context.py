@@ -27,8 +27,11 @@ from service.db import transaction
 from service.jobs.run.environments import Environments
 from service.jobs.run.lease_clock import LeaseClock
 from service.jobs.run.sandbox import Probe, RunnerPool, probe
+from service.jobs.wakeups import Waker, Wakeups
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
+from service.queue import Dispatcher
+from service.rollouts.drive import drive
 
 log = logging.getLogger("retort.worker")
 
@@ -54,6 +57,9 @@ class WorkerProcess:
         # monotonic deadline, then stops them and hands their jobs over.
         self.shutdown_deadline: float | None = None
         self.wakers: set[threading.Event] = set()
+        self._dispatcher: Dispatcher | None = None
+        self._wakeups: Wakeups | None = None
+        self._waker: Waker | None = None
 
     @property
     def sandbox(self) -> Probe:
@@ -69,6 +75,33 @@ class WorkerProcess:
         if self._publisher is None:
             self._publisher = notify.Publisher(self.config.broker_url, self.config.queue)
         return self._publisher
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """Sends the jobs this process wakes (parked ones, a rollout's next ones)."""
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.config)
+        return self._dispatcher
+
+    @property
+    def wakeups(self) -> Wakeups:
+        if self._wakeups is None:
+            self._wakeups = Wakeups(self.config.broker_url, self.config.queue)
+        return self._wakeups
+
+    def start_waker(self) -> None:
+        """Act on due wake-ups from this process (every pool process runs one)."""
+        if self._waker is None:
+            sender = Dispatcher(self.config)  # its own: the waker is another thread
+
+            def act(member: str) -> None:
+                kind, _, ident = member.partition(":")
+                if kind == "job":
+                    sender.send_job(int(ident))
+                elif kind == "rollout":
+                    drive(self.sessions, sender, self.wakeups, int(ident))
+
+            self._waker = Waker(self.wakeups, act)
 
     def request_shutdown(self, grace_s: float) -> None:
         """Called when this worker is shutting down (signal-safe)."""

@@ -298,3 +298,22 @@ def record_lost_steps(ctx: JobContext, shas: dict[str, str], lost: list[Any]) ->
             ctx.audit(s, "step.recovered", {"revisions": [rev], "direction": "up"})
 
     ctx.write(record)
+
+
+def fail_lock_timeout(s: Session, ctx: JobContext, holder: int | None) -> None:
+    """Fail a job parked for the lease past RETORT_LOCK_WAIT_TIMEOUT_S (the claim's transaction)."""
+    timeout = ctx.config.lock_wait_timeout_s
+    error = {
+        "code": "lock_timeout",
+        "message": f"job {holder} held the lease on this database for longer than {timeout:.0f} s",
+        "revision": None,
+        "statement": None,
+        "held_by_job": holder,
+    }
+    failed = s.execute(
+        sa.update(Job)
+        .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
+        .values(state="failed", finished_at=utcnow(), claim_expires_at=None, error=error)
+    ).rowcount
+    if failed:
+        ctx.audit(s, "job.failed", {"code": "lock_timeout"})

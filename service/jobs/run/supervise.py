@@ -21,11 +21,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from service import targets
-from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import transaction, utcnow
 from service.jobs.models import Job
-from service.jobs.run import endings, safety
+from service.jobs.run import admission, endings, safety
 from service.jobs.run import lease as leasing
 from service.jobs.run.bundles import BundleInfo, discarded, verified_dir
 from service.jobs.run.context import JobContext
@@ -62,6 +61,7 @@ from service.jobs.run.transitions import (
     resolve_target,
     start_job,
 )
+from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 
 log = logging.getLogger("retort.worker")
@@ -104,6 +104,11 @@ class Plan:
     requested_by: str = ""
     tags: dict[str, str] = field(default_factory=dict)  # the database's
     drifted: bool = False  # the database's newest drift check found differences
+    # Parked before (see admission): why, on which job, since when.
+    waiting_for: str | None = None
+    waiting_on: int | None = None
+    waiting_since: dt.datetime | None = None
+    rollout_id: int | None = None
 
 
 class JobRun:
@@ -157,6 +162,7 @@ class JobRun:
             return "not_claimed"
         early = plan.attempt == 1 and self._open_early()
         state = granted = False
+        wake_at: float | None = None
         try:
             with transaction(ctx.sessions) as s:
                 conn = s.connection()
@@ -164,18 +170,7 @@ class JobRun:
                 if not conn.execute(claim_stmt(conn.dialect.name), params).rowcount:
                     state = conn.execute(JOB_STATE, {"job_id": ctx.job_id}).scalar() or "missing"
                 else:
-                    record_event(
-                        s,
-                        "job.claimed",
-                        actor="worker",
-                        project=ctx.project,
-                        database=ctx.database,
-                        job_id=ctx.job_id,
-                        data={"worker": worker, "attempt": plan.attempt},
-                    )
-                    granted = (
-                        leasing.try_lease(s, ctx, worker, time.monotonic(), first=True) is True
-                    )
+                    granted, wake_at = self._admit(s, worker)
                     if granted and early:
                         self.started = self._start(s)
         finally:
@@ -189,12 +184,15 @@ class JobRun:
         if state:
             log.info("job %s not claimed (state %s)", ctx.job_id, state)
             return "not_claimed"
-        # Waiting for another job: worth telling at once. A granted claim is not
-        # (a waiter woken now would only have to ask again); a started job is.
-        if not granted or self.started is not None:
+        if not granted:
+            # Parked (or failed by its wait's timeout): the slot is free for the next job.
             ctx.published()
-        if not granted and not leasing.acquire_lease(ctx, worker):
-            return "not_started"
+            if wake_at is None:
+                return "not_started"
+            ctx.process.wakeups.at(f"job:{ctx.job_id}", wake_at)
+            return "parked"
+        if self.started is not None:
+            ctx.published()
         beat = leasing.Beat(ctx, self._stop)
         lost = False
         try:
@@ -218,6 +216,29 @@ class JobRun:
         elif lost:
             self._crashed(gone)
         return "done"
+
+    def _admit(self, s: Session, worker: str) -> tuple[bool, float | None]:
+        """In the claim's transaction: take the lease, or park the job (see admission).
+
+        Returns (granted, when to wake the parked job); (False, None) when its
+        wait for the lease timed out and it failed.
+        """
+        ctx, plan = self.ctx, self.plan
+        before = (plan.waiting_for, plan.waiting_on)
+        if admission.project_full(s, ctx):
+            wake = admission.park(s, ctx, admission.PROJECT_SLOT, None, before, plan.waiting_since)
+            return False, wake
+        waited = admission.waited_ms(plan.waiting_since)
+        if leasing.try_lease(s, ctx, worker, waited, plan.attempt) is True:
+            return True, None
+        holder, expires_at = leases.holder_locked(s, ctx.database_id)
+        if holder is None and leasing.try_lease(s, ctx, worker, waited, plan.attempt) is True:
+            return True, None  # released between the two looks
+        if admission.timed_out(plan.waiting_since, self.config.lock_wait_timeout_s):
+            endings.fail_lock_timeout(s, ctx, holder)
+            return False, None
+        timeout_at = admission.park(s, ctx, admission.LEASE, holder, before, plan.waiting_since)
+        return False, admission.lease_wake_at(expires_at, timeout_at)
 
     # -------------------------------------------------------- environments
     def _environment(self) -> None:

@@ -45,7 +45,14 @@ def update_job(s: Session, job_id: int, states: tuple[str, ...] = (), **values: 
 def claim_stmt(dialect: str) -> sa.Update:
     return (
         _jobs.update()
-        .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == "queued")
+        .where(
+            _jobs.c.id == bindparam("job_id"),
+            # Queued, or parked (waiting with no worker: see admission).
+            sa.or_(
+                _jobs.c.state == "queued",
+                sa.and_(_jobs.c.state == "waiting_for_lock", _jobs.c.worker.is_(None)),
+            ),
+        )
         .values(
             state="waiting_for_lock",
             worker=bindparam("v_worker"),
@@ -69,6 +76,11 @@ QUEUED_JOB = (
         _jobs.c.options,
         _jobs.c.approval,
         _jobs.c.requested_by,
+        _jobs.c.worker,
+        _jobs.c.waiting_for,
+        _jobs.c.waiting_on_job_id,
+        _jobs.c.waiting_since,
+        _jobs.c.rollout_id,
         Database.name.label("database"),
         Database.url_encrypted,
         Database.tags,
