@@ -36,6 +36,23 @@ def engine_for(url: str) -> sa.Engine:
     return engine
 
 
+def upgrade(script: ScriptDirectory, url: str, config: Config | None = None) -> None:
+    """One database from where it is to head, as Retort runs it."""
+    engine = engine_for(url)
+    with engine.connect() as conn:
+        env = EnvironmentContext(
+            config or Config(),
+            script,
+            fn=lambda rev, _ctx: script._upgrade_revs("head", rev),
+            destination_rev="head",
+        )
+        with env:
+            env.configure(connection=conn, transaction_per_migration=True)
+            with env.begin_transaction():
+                env.run_migrations()
+    engine.dispose()
+
+
 def main() -> None:
     root, urls_file = sys.argv[1], sys.argv[2]
     urls = [u for u in open(urls_file).read().split() if u]
@@ -45,19 +62,7 @@ def main() -> None:
     loaded = time.perf_counter()
     config = Config()
     for url in urls:
-        engine = engine_for(url)
-        with engine.connect() as conn:
-            env = EnvironmentContext(
-                config,
-                script,
-                fn=lambda rev, _ctx: script._upgrade_revs("head", rev),
-                destination_rev="head",
-            )
-            with env:
-                env.configure(connection=conn, transaction_per_migration=True)
-                with env.begin_transaction():
-                    env.run_migrations()
-        engine.dispose()
+        upgrade(script, url, config)
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "load_ms": (loaded - started) * 1000}))
 
