@@ -8,10 +8,11 @@ import hmac
 import importlib.metadata
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
-from service import notify
+from service import logs, metrics, notify
 from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
@@ -124,6 +125,10 @@ def create_app(config: Config | None = None) -> Flask:
     ):
         app.register_blueprint(bp, url_prefix="/v1")
 
+    app.before_request(_request_started)  # first: the clock runs through authentication
+    app.after_request(_request_finished)
+    app.teardown_request(_request_torn_down)
+
     @app.before_request
     def _authenticate():
         g.principal = None
@@ -159,9 +164,22 @@ def create_app(config: Config | None = None) -> Flask:
     def docs_page():
         return DOCS_PAGE, 200, {"Content-Type": "text/html; charset=utf-8"}
 
+    @app.get("/")
+    def root():
+        # A person who opens Retort's address finds the API's pages.
+        return "", 302, {"Location": "/docs"}
+
     @app.get("/healthz")
     def healthz():
         return {"ok": True}
+
+    @app.get("/metrics")
+    def metrics_page():
+        """Prometheus metrics: this machine's processes and the job table (docs/metrics.md)."""
+        metrics.check_scraper(config.metrics_token, request.headers.get("Authorization", ""))
+        accept = request.headers.get("Accept", "")
+        body, content_type = metrics.render(config, services().engine, accept)
+        return body, 200, {"Content-Type": content_type}
 
     @app.get("/readyz")
     def readyz():
@@ -209,6 +227,34 @@ def create_app(config: Config | None = None) -> Flask:
         return jsonify(body), 500
 
     return app
+
+
+def _request_started() -> None:
+    """Start the request's clock; name its job, project or database on its log lines."""
+    g.request_clock = time.perf_counter()
+    args = request.view_args or {}
+    rule = request.url_rule.rule if request.url_rule else ""
+    name = args.get("name")
+    g.log_token = logs.enter(
+        job=args.get("job_id"),
+        database=name if rule.startswith("/v1/databases/") else None,
+        project=name if rule.startswith("/v1/projects/") else None,
+    )
+
+
+def _request_finished(response: Response) -> Response:
+    """Observe the request's latency by route: the URL rule, never the path (cardinality)."""
+    if request.endpoint != "metrics_page" and "request_clock" in g:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        seconds = time.perf_counter() - g.request_clock
+        metrics.request_done(request.method, route, response.status_code, seconds)
+    return response
+
+
+def _request_torn_down(exc: BaseException | None) -> None:
+    token = g.pop("log_token", None)
+    if token is not None:
+        logs.leave(token)
 
 
 def _version() -> str:

@@ -102,12 +102,16 @@ def db_upgrade(data_dir: str | None) -> None:
 @click.option("--workers", default=2, show_default=True, help="Migration worker processes.")
 def serve(port: int | None, data_dir: str | None, workers: int) -> None:
     """Run the API and a worker in one command (embedded default: SQLite, bundled Redis)."""
+    from service import metrics
     from service.schema import upgrade_schema
 
-    config = _config(data_dir, port)
+    # The API serves this machine's metrics; no other process here listens for them.
+    config = dataclasses.replace(_config(data_dir, port), metrics_port=0)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     _make_target_root(config)
     upgrade_schema(config.database_url)
+    # Every Retort process of this machine starts here: no one writes the files yet.
+    metrics.clear(config)
     env = {**os.environ, **config.as_env()}
     procs: list[subprocess.Popen] = []
     try:
@@ -196,12 +200,24 @@ def api(port: int | None, threads: int | None, processes: int | None) -> None:
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 
 
+_METRICS_PORT = click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve this machine's metrics on this port (RETORT_HOST), for machines without an API.",
+)
+
+
+def _with_metrics_port(config: Config, port: int | None) -> Config:
+    return dataclasses.replace(config, metrics_port=port) if port is not None else config
+
+
 @main.command()
 @click.option("--concurrency", default=2, show_default=True)
 @click.option("--name", default="retort", show_default=True, help="Celery node name.")
-def worker(concurrency: int, name: str) -> None:
+@_METRICS_PORT
+def worker(concurrency: int, name: str, metrics_port: int | None) -> None:
     """Run only a migration worker under Celery (production)."""
-    config = _config(None, None)
+    config = _with_metrics_port(_config(None, None), metrics_port)
     _make_target_root(config)
     cmd = worker_command(config, concurrency, name)
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
@@ -210,22 +226,25 @@ def worker(concurrency: int, name: str) -> None:
 @main.command()
 @click.option("--concurrency", default=8, show_default=True, help="Deliveries sent at once.")
 @click.option("--name", default="retort", show_default=True, help="Celery node name.")
-def webhooks(concurrency: int, name: str) -> None:
+@_METRICS_PORT
+def webhooks(concurrency: int, name: str, metrics_port: int | None) -> None:
     """Run only a webhook sender (production): a thread pool on the webhooks queue."""
-    config = _config(None, None)
+    config = _with_metrics_port(_config(None, None), metrics_port)
     cmd = webhooks_command(config, concurrency, name)
     os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 
 
 @main.command()
-def beat() -> None:
+@_METRICS_PORT
+def beat(metrics_port: int | None) -> None:
     """Run the job sweeper (production; one or more, each sweep is idempotent).
 
     It sweeps in its own process every RETORT_SWEEP_INTERVAL_S, never through
     the jobs' queue, so a full queue of migrations never delays a recovery.
     """
+    config = _with_metrics_port(_config(None, None), metrics_port)
     cmd = sweeper_command()
-    os.execvpe(cmd[0], cmd, {**os.environ, **_config(None, None).as_env()})
+    os.execvpe(cmd[0], cmd, {**os.environ, **config.as_env()})
 
 
 def sweeper_command() -> list[str]:
@@ -250,27 +269,34 @@ def api_command(config: Config) -> list[str]:
         "--access-logfile",
         "-",
         "--no-control-socket",
+        # Hooks: metrics before the fork, each exited worker, JSON lines.
+        "--config",
+        "python:service.gunicorn_conf",
         "service.wsgi:app",
     ]
 
 
 def worker_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
     """A migration worker: prefork, since Alembic is not thread-safe."""
-    return _celery_worker("prefork", concurrency, config.queue, f"{name}@%h")
+    return _celery_worker("prefork", concurrency, config.queue, f"{name}@%h", config.log_format)
 
 
 def webhooks_command(config: Config, concurrency: int, name: str = "retort") -> list[str]:
     """A worker for deliveries only: threads suit waiting on receivers, and no Alembic runs here."""
-    return _celery_worker("threads", concurrency, config.webhook_queue, f"webhooks-{name}@%h")
+    hostname = f"webhooks-{name}@%h"
+    return _celery_worker("threads", concurrency, config.webhook_queue, hostname, config.log_format)
 
 
-def _celery_worker(pool: str, concurrency: int, queue: str, hostname: str) -> list[str]:
+def _celery_worker(
+    pool: str, concurrency: int, queue: str, hostname: str, log_format: str = "text"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
         "worker.celery_app",
+        *(["--quiet"] if log_format == "json" else []),  # no banner: every line is JSON
         "worker",
         "--pool",
         pool,

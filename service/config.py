@@ -140,6 +140,15 @@ class Config:
     lint_render_timeout_s: float = 10.0
     # How often the sweeper looks for databases whose project's drift check is due.
     drift_sweep_interval_s: float = 60.0
+    # Observability (docs/metrics.md): the folder every Retort process of this
+    # machine writes its metrics to (empty: <data dir>/metrics); a bearer token
+    # scrapers must send (empty: /metrics is public); the port a worker, webhook
+    # sender or sweeper serves the machine's metrics on (0: none, see
+    # --metrics-port); log lines as "text" or "json".
+    metrics_dir: str = ""
+    metrics_token: str = ""
+    metrics_port: int = 0
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Config:
@@ -222,6 +231,11 @@ class Config:
     def audit_signing_key_path(self) -> Path:
         """The Ed25519 key that signs audit checkpoints (its public key: + ".pub")."""
         return Path(self.audit_signing_key_file or self.data_dir / "audit-signing-key")
+
+    @property
+    def metrics_path(self) -> Path:
+        """The folder of this machine's metrics files (prometheus_client's multiprocess mode)."""
+        return Path(self.metrics_dir).resolve() if self.metrics_dir else self.data_dir / "metrics"
 
     @property
     def bundle_cache_dir(self) -> Path:

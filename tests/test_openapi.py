@@ -125,3 +125,15 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(fuzz_t
     assert report["phases"]["stateful"]["status"] == "success", report["phases"]
     logs = fuzz_target.logs()
     assert "Traceback" not in logs and "unhandled error" not in logs
+
+
+def test_the_root_leads_to_the_docs(prod):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", prod.port, timeout=10)
+    conn.request("GET", "/")
+    resp = conn.getresponse()
+    assert resp.status == 302 and resp.getheader("Location") == "/docs"
+    conn.close()
+    page = prod.client.get("/docs", token=None)
+    assert page.status == 200

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 
+from service import logs, metrics
 from service.audit import checkpoints
 from service.audit.chain import CHECKPOINT
 from service.config import Config
@@ -70,6 +71,7 @@ class Sweeper:
         config = self.config
         with transaction(self._sessions) as s:
             handed = sweeper.recover_lost_jobs(s, config.max_attempts)
+        metrics.lease_takeovers(handed)  # committed: counted once
         with self._dispatcher.broker() as broker:
             key = broker_epoch_key(config)
             broker_lost = not broker.exists(key)
@@ -159,8 +161,10 @@ class Sweeper:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = Config.from_env()
+    logs.configure(config.log_format)
+    metrics.configure(config)  # before anything imports prometheus_client
+    metrics.serve(config)  # --metrics-port
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

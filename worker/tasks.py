@@ -11,6 +11,7 @@ from functools import cache
 
 from celery import signals
 
+from service import metrics
 from service.crypto import SecretBox
 from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker
 from service.jobs.run.claim import run_job
@@ -122,14 +123,21 @@ def _on_pool_process_start(**_):
     signal.signal(signal.SIGUSR2, lambda *_: _process().request_shutdown(config.shutdown_grace_s))
     _settle_heap()
     _process().pool.prime()  # a spare runner, started before the first job needs one
-    _process().start_waker()  # parked jobs and rollouts due again (service.jobs.wakeups)
+    _process().scheduler  # noqa: B018 - its thread: wake-ups due (service.jobs.wakeups)
 
 
 @signals.worker_process_shutdown.connect
 def _on_pool_process_end(**_):
     """Let this process's warm runners go (they would die with it anyway)."""
+    metrics.process_exited(os.getpid())
     if _process.cache_info().currsize:
         _process().close()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_):
+    """--metrics-port: from the main process, once its pool processes are forked."""
+    metrics.serve(config)
 
 
 @signals.worker_shutting_down.connect

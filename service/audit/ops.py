@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 from typing import Any
@@ -14,6 +15,8 @@ from service.audit.chain import REKEYED, ChainCheck, Keyring, event_hash, hashed
 from service.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from service.db import AUDIT_KEYS, utcnow
 from service.webhooks.enqueue import enqueue_deliveries
+
+_TICK = dt.timedelta(microseconds=1)
 
 
 def _hashed_fields(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +63,9 @@ def record_event(
             "database": database,
             "job_id": job_id,
             "fencing_token": fencing_token,
+            # When it happened, not when its transaction commits: a job's claim,
+            # grant and start share a transaction, and each keeps its own time.
+            "ts": utcnow(),
             # A JSON round trip now: what is hashed is what is stored and read back.
             "data": json.loads(json.dumps(data or {}, default=str)),
         }
@@ -116,11 +122,14 @@ def _append_pending(session: Session) -> None:
             "job_id": None,
             "fencing_token": None,
             "data": {"key_id": keyring.current, "previous_key_id": head_key},
+            "ts": pending[0]["ts"],
         }
         pending = [rekeyed, *pending]
-    ts = utcnow()
     rows = []
+    ts = None
     for i, fields in enumerate(pending):
+        # Each event its own time, in the chain's order (one microsecond apart at least).
+        ts = fields["ts"] if ts is None else max(fields["ts"], ts + _TICK)
         row = {**fields, "seq": seq - n + 1 + i, "ts": ts, "prev_hash": prev_hash}
         row["hash"] = prev_hash = event_hash(_hashed_fields(row))
         row["mac"] = keyring.mac(row["hash"])

@@ -12,11 +12,13 @@ process that popped it and died is covered by the sweeper's rounds.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
 
 from service.notify import redis_client
+from service.queue import Dispatcher
 
 log = logging.getLogger("retort.worker")
 
@@ -64,21 +66,53 @@ class Wakeups:
         return [m.decode() for m in self._pop(keys=[self._key], args=[time.time(), limit])]
 
 
-class Waker:
-    """A daemon thread that pops due wake-ups every POLL_S and hands each to `act`."""
+class Scheduler:
+    """A pool process's own thread for what follows a job: the work handed to `submit`
+    (waking the jobs it kept waiting, moving its rollout on), and every POLL_S the
+    due wake-ups, each handed to `act`.
 
-    def __init__(self, wakeups: Wakeups, act: Callable[[str], None]) -> None:
+    Its own Dispatcher: the job's thread sends on the process's.
+    """
+
+    def __init__(self, wakeups: Wakeups, act: Callable[[str, Dispatcher], None], config) -> None:
         self._wakeups, self._act = wakeups, act
-        self._thread = threading.Thread(target=self._loop, name="wakeups", daemon=True)
+        self.dispatcher = Dispatcher(config)
+        self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
+    def submit(self, work: Callable[[], None]) -> None:
+        self._idle.clear()
+        self._inbox.put(work)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until the submitted work is done (a process about to exit); False if not."""
+        self._inbox.put(None)
+        return self._idle.wait(timeout)
+
     def _loop(self) -> None:
-        failing = False
+        failing, polled = False, 0.0
         while True:
+            try:
+                work = self._inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                work = None
+            if work is not None:
+                try:
+                    work()
+                except Exception:  # noqa: BLE001 - one failure never stops the thread
+                    log.exception("after a job: %s failed", work)
+            if self._inbox.empty():
+                self._idle.set()
+            if time.monotonic() - polled < POLL_S:
+                continue
+            polled = time.monotonic()
             try:
                 for member in self._wakeups.due():
                     try:
-                        self._act(member)
+                        self._act(member, self.dispatcher)
                     except Exception:  # noqa: BLE001 - one bad wake-up never stops the rest
                         log.exception("wake-up %s failed", member)
                 failing = False
@@ -86,4 +120,3 @@ class Waker:
                 if not failing:
                     log.warning("wake-ups: cannot reach the broker: %s", exc)
                 failing = True
-            time.sleep(POLL_S)

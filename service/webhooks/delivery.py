@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import metrics
 from service.config import Config
 from service.crypto import SecretBox
 from service.db import transaction, utcnow
@@ -113,7 +114,7 @@ def attempt_delivery(
     ok = status is not None and 200 <= status < 300
     if status is not None and not ok:
         error = f"http_status {status}"
-    return _record(
+    delay = _record(
         config,
         sessions,
         delivery_id,
@@ -123,6 +124,8 @@ def attempt_delivery(
         error,
         round((time.monotonic() - started) * 1000, 1),
     )
+    metrics.webhook_delivery(ok, delay)
+    return delay
 
 
 def _claim(config, sessions, box, delivery_id) -> tuple[int, str, str, bytes, str, str] | None:

@@ -1,5 +1,7 @@
 """The audit log is append-only and its hash chain proves it."""
 
+import datetime as dt
+
 import pytest
 import sqlalchemy as sa
 
@@ -42,3 +44,18 @@ def test_audit_pages_with_cursor_and_filters(prod, new_db):
             break
     assert seqs == [e["seq"] for e in everything] and seqs == sorted(seqs, reverse=True)
     assert c.get("/v1/audit?limit=0").status == 422
+
+
+def test_every_event_of_a_job_has_its_own_time_in_the_chains_order(prod, new_db):
+    """Issue 21, item 7: the events of one transaction (claim, grant, start) kept one time."""
+    c = prod.client
+    project, _ = setup_project(c, chain_bundle(2))
+    db = register_db(c, project, new_db("sqlite"))
+    job = run_job(c, db)
+    assert job["state"] == "succeeded", job
+    events = c.get(f"/v1/audit?job={job['id']}&limit=100").body["events"][::-1]
+    worker = [e for e in events if e["actor"] == "worker"]
+    assert len(worker) >= 6, [e["action"] for e in worker]
+    times = [dt.datetime.fromisoformat(e["ts"]) for e in events]
+    assert len(set(times)) == len(times), times
+    assert times == sorted(times), times  # oldest first, as the chain runs

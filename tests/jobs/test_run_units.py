@@ -59,11 +59,20 @@ def test_failures_point_at_the_tenants_line(tmp_path):
     exec(compile(source.read_text(), str(source), "exec"), namespace)
     with pytest.raises(ValueError) as exc:
         namespace["upgrade"]()
-    assert locate(exc.value, bundle) == {"file": "versions/r1.py", "line": 3}
+    assert locate(exc.value, bundle) == {
+        "file": "versions/r1.py",
+        "line": 3,
+        "source": "raise ValueError('no')",
+        "traceback": ["versions/r1.py:3 in upgrade: raise ValueError('no')"],
+    }
     try:
         compile("def broken(:\n", str(bundle / "versions" / "r2.py"), "exec")
     except SyntaxError as err:
-        assert locate(err, bundle) == {"file": "versions/r2.py", "line": 1}
+        assert locate(err, bundle) == {
+            "file": "versions/r2.py",
+            "line": 1,
+            "source": "def broken(:",
+        }
     assert locate(RuntimeError("elsewhere"), bundle) == {}
     assert partial_ddl(["CREATE TABLE x (id int)"], "alembic_version")
     assert not partial_ddl(["UPDATE alembic_version SET version_num='b'"], "alembic_version")

@@ -6,6 +6,7 @@ import logging
 
 from sqlalchemy import update
 
+from service import logs, metrics
 from service.db import autocommit, transaction
 from service.jobs.models import Job
 from service.jobs.run import admission
@@ -21,6 +22,11 @@ log = logging.getLogger("retort.worker")
 def run_job(process: WorkerProcess, job_id: int) -> str:
     """Run a job to its end; return what became of it ("done", "not_claimed", "not_started",
     "parked")."""
+    with logs.bound(job=job_id):  # every line logged meanwhile says which job (JSON logs)
+        return _run_job(process, job_id)
+
+
+def _run_job(process: WorkerProcess, job_id: int) -> str:
     if process.shutdown_deadline is not None:
         # Shutting down: leave the job queued, marked unsent, so the sweeper
         # hands it to another worker at its next round.
@@ -61,6 +67,7 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         waiting_since=job.waiting_since,
         rollout_id=job.rollout_id,
     )
+    logs.bind(project=job.project, database=job.database)
     ctx = JobContext(
         job_id=job_id,
         database_id=job.database_id,
@@ -71,18 +78,28 @@ def run_job(process: WorkerProcess, job_id: int) -> str:
         process=process,
     )
     outcome = JobRun(ctx, plan).run()
+    metrics.job_ended(ctx)  # if this run ended it (ctx.ended)
     if outcome == "done":
         after_job(ctx, plan.rollout_id)
     return outcome
 
 
 def after_job(ctx: JobContext, rollout_id: int | None) -> None:
-    """The job ended: send the jobs it kept waiting, and move its rollout on."""
+    """The job ended: send the jobs it kept waiting, and move its rollout on.
+
+    On the process's scheduler thread, so that this worker takes its next
+    message at once (a rollout keeps jobs queued ahead: its next one is there).
+    """
     process = ctx.process
-    try:
-        for job_id in admission.wake_waiters(ctx):
-            process.dispatcher.send_job(job_id)
-        if rollout_id is not None:
-            drive(process.sessions, process.dispatcher, process.wakeups, rollout_id)
-    except Exception:  # noqa: BLE001 - the sweeper's rounds do it when this fails
-        log.exception("job %s: waking its waiters or its rollout failed", ctx.job_id)
+
+    def wake() -> None:
+        sender = process.scheduler.dispatcher
+        try:
+            for job_id in admission.wake_waiters(ctx):
+                sender.send_job(job_id)
+            if rollout_id is not None:
+                drive(process.sessions, sender, process.wakeups, rollout_id)
+        except Exception:  # noqa: BLE001 - the sweeper's rounds do it when this fails
+            log.exception("job %s: waking its waiters or its rollout failed", ctx.job_id)
+
+    process.scheduler.submit(wake)

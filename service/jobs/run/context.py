@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import notify
+from service import metrics, notify
 from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
@@ -27,7 +27,7 @@ from service.db import transaction
 from service.jobs.run.environments import Environments
 from service.jobs.run.lease_clock import LeaseClock
 from service.jobs.run.sandbox import Probe, RunnerPool, probe
-from service.jobs.wakeups import Waker, Wakeups
+from service.jobs.wakeups import Scheduler, Wakeups
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 from service.queue import Dispatcher
@@ -57,9 +57,8 @@ class WorkerProcess:
         # monotonic deadline, then stops them and hands their jobs over.
         self.shutdown_deadline: float | None = None
         self.wakers: set[threading.Event] = set()
-        self._dispatcher: Dispatcher | None = None
         self._wakeups: Wakeups | None = None
-        self._waker: Waker | None = None
+        self._scheduler: Scheduler | None = None
 
     @property
     def sandbox(self) -> Probe:
@@ -77,31 +76,25 @@ class WorkerProcess:
         return self._publisher
 
     @property
-    def dispatcher(self) -> Dispatcher:
-        """Sends the jobs this process wakes (parked ones, a rollout's next ones)."""
-        if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self.config)
-        return self._dispatcher
-
-    @property
     def wakeups(self) -> Wakeups:
         if self._wakeups is None:
             self._wakeups = Wakeups(self.config.broker_url, self.config.queue)
         return self._wakeups
 
-    def start_waker(self) -> None:
-        """Act on due wake-ups from this process (every pool process runs one)."""
-        if self._waker is None:
-            sender = Dispatcher(self.config)  # its own: the waker is another thread
+    @property
+    def scheduler(self) -> Scheduler:
+        """This process's thread for what follows a job, and for due wake-ups."""
+        if self._scheduler is None:
 
-            def act(member: str) -> None:
+            def act(member: str, sender: Dispatcher) -> None:
                 kind, _, ident = member.partition(":")
                 if kind == "job":
                     sender.send_job(int(ident))
                 elif kind == "rollout":
                     drive(self.sessions, sender, self.wakeups, int(ident))
 
-            self._waker = Waker(self.wakeups, act)
+            self._scheduler = Scheduler(self.wakeups, act, self.config)
+        return self._scheduler
 
     def request_shutdown(self, grace_s: float) -> None:
         """Called when this worker is shutting down (signal-safe)."""
@@ -111,6 +104,8 @@ class WorkerProcess:
             wake.set()
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.drain(5.0)  # what follows the last job (the sweeper covers it else)
         if self._pool is not None:
             self._pool.close_all()
         self.environments.release_all()
@@ -129,6 +124,11 @@ class JobContext:
     process: WorkerProcess
     token: int = 0
     clock: LeaseClock = field(default_factory=LeaseClock)
+    # For metrics.job_ended, from this worker's own writes (no query of its own):
+    # the row as the start left it (created_at, started_at, lock_waited_ms), and
+    # the final state this worker gave the job.
+    start_row: sa.Row | None = None
+    ended: str | None = None
 
     @property
     def config(self) -> Config:
@@ -212,6 +212,7 @@ class JobContext:
 
     def _audit_refusal(self, exc: FencedOutError, event: str | None) -> None:
         """Say in the audit log that a stale holder tried to write, and was refused."""
+        metrics.fenced_out_write()
         try:
             with transaction(self.sessions) as s:
                 record_event(

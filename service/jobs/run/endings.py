@@ -317,3 +317,4 @@ def fail_lock_timeout(s: Session, ctx: JobContext, holder: int | None) -> None:
     ).rowcount
     if failed:
         ctx.audit(s, "job.failed", {"code": "lock_timeout"})
+        ctx.ended = "failed"

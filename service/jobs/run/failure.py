@@ -36,20 +36,46 @@ def db_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# A failure's traceback keeps this many of its innermost frames in the bundle.
+TRACEBACK_FRAMES = 8
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in a line: the database's words for a database error, else the
+    exception's type and message (`AssertionError` alone says nothing of where)."""
+    if getattr(exc, "orig", None) is not None:
+        return db_message(exc)
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def locate(exc: BaseException, bundle_dir: Path | str) -> dict[str, Any]:
-    """The bundle file and line where `exc` was raised, as {file, line} (empty if none).
+    """Where in the bundle `exc` was raised: {file, line, source, traceback} (empty if none).
 
     The innermost frame inside the bundle wins: that is the tenant's line, even
     when the error itself came from SQLAlchemy or a database driver below it.
-    A SyntaxError names its own file and line.
+    `source` is that line's text; `traceback` the bundle's frames that led
+    there ("file:line in function: source", outermost first). A SyntaxError
+    names its own file and line.
     """
     root = str(Path(bundle_dir)) + "/"
     if isinstance(exc, SyntaxError) and exc.filename and exc.filename.startswith(root):
-        return {"file": exc.filename[len(root) :], "line": exc.lineno}
-    found: dict[str, Any] = {}
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename.startswith(root):
-            found = {"file": frame.filename[len(root) :], "line": frame.lineno}
+        found: dict[str, Any] = {"file": exc.filename[len(root) :], "line": exc.lineno}
+        if exc.text:
+            found["source"] = exc.text.strip()
+        return found
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith(root)]
+    if not frames:
+        return {}
+    inner = frames[-1]
+    found = {"file": inner.filename[len(root) :], "line": inner.lineno}
+    if inner.line:
+        found["source"] = inner.line.strip()
+    found["traceback"] = [
+        f"{f.filename[len(root) :]}:{f.lineno} in {f.name}"
+        + (f": {f.line.strip()}" if f.line else "")
+        for f in frames[-TRACEBACK_FRAMES:]
+    ]
     return found
 
 

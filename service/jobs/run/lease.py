@@ -7,6 +7,7 @@ lost or the shutdown grace is over.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -73,8 +74,9 @@ class Beat:
         self.wake = threading.Event()
         ctx.process.wakers.add(self.wake)
         self.thread = threading.Thread(
-            target=_heartbeat,
-            args=(ctx, stop, self.lost, self.stopped, self.done, self.wake),
+            # In the job's context: its log lines say which job (service.logs).
+            target=contextvars.copy_context().run,
+            args=(_heartbeat, ctx, stop, self.lost, self.stopped, self.done, self.wake),
             name=f"lease-{ctx.job_id}",
             daemon=True,
         )

@@ -26,7 +26,14 @@ from sqlalchemy.engine import URL, Connection, make_url
 
 from service import targets
 from service.jobs.run import plan
-from service.jobs.run.failure import JobFailure, db_message, load_failure, locate, partial_ddl
+from service.jobs.run.failure import (
+    JobFailure,
+    db_message,
+    describe,
+    load_failure,
+    locate,
+    partial_ddl,
+)
 from service.jobs.run.preflight import Preflight, drift
 from service.jobs.run.protocol import Channel
 
@@ -55,6 +62,8 @@ class Runner:
     def __init__(self, chan: Channel) -> None:
         self.chan = chan
         self._engines: OrderedDict[tuple, sa.Engine] = OrderedDict()
+        # A SQLite engine's file as it last connected: (device, inode).
+        self._files: dict[tuple, tuple[int, int] | None] = {}
         self._scripts: OrderedDict[str, ScriptDirectory] = OrderedDict()
         self.import_path = ImportPath()  # the running bundle's folders on sys.path
         self.preflight = Preflight()  # upgrades' renderings, for their lint
@@ -124,6 +133,11 @@ class Runner:
     def _engine(self, job: dict[str, Any], url: URL) -> sa.Engine:
         key = (job["url"], job.get("sqlite_journal"))
         engine = self._engines.pop(key, None)
+        if engine is not None and _file_identity(url) != self._files.get(key):
+            # A SQLite file removed or replaced since this engine last opened it is
+            # another database: a pooled connection would still read the old file.
+            engine.dispose()
+            engine = None
         if engine is None:
             url = _driver_for_this_sqlalchemy(url)
             engine = targets.make_target_engine(url, job["connect"]["timeout_s"], pooled=True)
@@ -146,6 +160,7 @@ class Runner:
             self.conn = targets.connect_with_retries(
                 engine, attempts, job["connect"]["backoff_s"], None if early else on_retry
             )
+            self._files[(job["url"], job.get("sqlite_journal"))] = _file_identity(url)
             return self.conn
         except sa.exc.OperationalError as exc:
             if early:
@@ -617,16 +632,17 @@ class _Migration:
         """Describe the failed step and what the database was left with."""
         failed = pending[0] if pending else None
         revision = _revision_of(failed) if failed is not None else None
-        statement = getattr(exc, "statement", None) or (
-            self.statements[-1] if self.statements else None
-        )
-        message = db_message(exc)
+        # The statement that failed, as the database error says; none for an error
+        # of the revision's own Python (the last statement that ran succeeded).
+        statement = getattr(exc, "statement", None)
+        # What the failed step ran, taken before the read-back below adds Retort's own.
+        sql, self.statements = list(self.statements), []
+        message = describe(exc)
         if isinstance(exc, sa.exc.ObjectNotExecutableError):
             message += (
                 " (a plain string passed to execute(): SQLAlchemy 2.x needs "
                 "sqlalchemy.text('...') or op.execute('...'))"
             )
-        sql = self.statements
         try:
             targets.rollback(self.conn)
             heads_now = targets.read_heads(self.conn, self.settings)
@@ -641,6 +657,8 @@ class _Migration:
         where = ", ".join(heads_now) if heads_now else "base"
         located = locate(exc, self.job["bundle"]["dir"])
         at = f" ({located['file']}, line {located['line']})" if located else ""
+        if located.get("source"):
+            at += f" `{located['source'][:200]}`"
         if heads_now is None:
             code = "needs_attention"
             summary = (
@@ -683,6 +701,17 @@ class _Migration:
             to_heads=heads_now,
             **located,
         )
+
+
+def _file_identity(url: URL) -> tuple[int, int] | None:
+    """A SQLite file's (device, inode); None for another dialect or a missing file."""
+    if targets.dialect_of(url) != "sqlite" or not url.database:
+        return None
+    try:
+        st = os.stat(url.database)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _revision_of(step: Any) -> str | None:

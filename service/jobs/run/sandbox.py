@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,28 +324,31 @@ class RunnerProcess:
                 self.bound[name] = (st.st_dev, st.st_ino)
         return args
 
-    def binds_current(self) -> bool:
-        """Whether every file this runner bound is still the file at its path.
+    def binds_current(self, databases: Iterable[str]) -> bool:
+        """Whether the files of these databases this runner bound are still the files
+        at their paths, and none of theirs was made since (it would not be in view).
 
         A bind holds the inode it was given. Another program that writes the
         database in SQLite's default journal mode deletes the journal when it
         commits; the runner would still see the old journal's bytes there and,
         taking them for a hot journal, roll that program's commit back. Such a
-        runner is replaced, never used again.
+        runner is replaced, never used again. Only the job's own database is
+        looked at: a runner opens no other file during the job, and holds none
+        open between jobs (migrate.py closes its SQLite connections), so another
+        database's stale bind is found when a job for that database comes.
         """
-        for name, (dev, ino) in self.bound.items():
-            try:
-                st = os.stat(name)
-            except OSError:
-                return False
-            if (st.st_dev, st.st_ino) != (dev, ino):
-                return False
-        # A journal (or WAL file) made after this runner started is not in its view.
-        return not any(
-            os.path.exists(name) and name not in self.bound
-            for path in self.spec.sqlite_files
-            for name in (path, path + "-journal", path + "-wal", path + "-shm")
-        )
+        for path in databases:
+            for name in (path, path + "-journal", path + "-wal", path + "-shm"):
+                known = self.bound.get(name)
+                try:
+                    st = os.stat(name)
+                except OSError:
+                    if known is not None:
+                        return False
+                    continue
+                if known != (st.st_dev, st.st_ino):
+                    return False
+        return True
 
     def send(self, message: dict[str, Any]) -> None:
         self.chan.send(message)
@@ -517,15 +521,18 @@ class RunnerPool:
         spare.spec = spec
         return spare
 
-    def take(self, spec: RunnerSpec) -> RunnerProcess:
-        """A runner for `spec`: a warm one that can reach what the job needs, or a new one."""
+    def take(self, spec: RunnerSpec, databases: Iterable[str] = ()) -> RunnerProcess:
+        """A runner for `spec`: a warm one that can reach what the job needs, or a new one.
+
+        `databases`: the job's SQLite files, whose binds must be current.
+        """
         self.last_activity = time.monotonic()
         self.evict_idle()
         runner = self.idle.pop(spec.key, None)
         if runner is not None and (
             not runner.alive()
             or not spec.sqlite_files <= runner.spec.sqlite_files
-            or not runner.binds_current()
+            or not runner.binds_current(databases)
         ):
             runner.close()
             runner = None

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from service import targets
+from service import metrics, targets
 from service.databases.models import AppliedRevision
 from service.db import utcnow
 from service.jobs.models import JobStep
@@ -52,6 +52,8 @@ ERROR_FIELDS = (
     "database_heads",
     "file",
     "line",
+    "source",
+    "traceback",
     "module",
     "revisions",
 )
@@ -162,6 +164,7 @@ class StepRecorder:
                 self.ctx.check_fence("step.applied")
             self.pending.append(record)
         self.applied += 1
+        metrics.revision_applied(self.ctx.project, step["direction"], step["duration_ms"])
 
     def due(self) -> bool:
         """Whether buffered steps have waited long enough to be written now."""

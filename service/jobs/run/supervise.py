@@ -324,7 +324,8 @@ class JobRun:
         if self.runner is None:
             info = self.plan.bundle
             try:
-                self.runner = self.ctx.process.pool.take(spec or self._spec())
+                mine = [sqlite_path(self.url.database)] if self._is_sqlite() else []
+                self.runner = self.ctx.process.pool.take(spec or self._spec(), mine)
                 # Verified before every use: the runner's own copy if it has one
                 # (a warm runner), else the cache's, then linked for it.
                 staged, problem = self.runner.staged(info.digest, info.files)

@@ -113,6 +113,8 @@ def _start_stmt(set_started: bool, set_from: bool) -> sa.Update:
         _jobs.update()
         .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == "waiting_for_lock")
         .values(values)
+        # The state database (PostgreSQL, SQLite) answers with the row it changed.
+        .returning(_jobs.c.created_at, _jobs.c.started_at, _jobs.c.lock_waited_ms)
     )
 
 
@@ -152,8 +154,10 @@ def start_job(
         "v_sandbox": sandbox,
         "v_runtime": runtime,
     }
-    if not s.connection().execute(stmt, params).rowcount:
+    start_row = s.connection().execute(stmt, params).first()
+    if start_row is None:
         return None
+    ctx.start_row = start_row  # what the metrics observe when the job ends
     data: dict[str, Any] = {
         "target_lock_waited_ms": waited_ms,
         "current_heads": heads,
@@ -196,6 +200,7 @@ def finish(
     states = ("waiting_for_lock", "running")
     if update_job(s, ctx.job_id, states, finished_at=utcnow(), **values):
         ctx.audit(s, event, data)
+        ctx.ended = values["state"]
     if released or leases.release(s, ctx.database_id, ctx.token):
         ctx.audit(s, "lease.released")
 
@@ -213,4 +218,5 @@ def refuse_unclaimed(s: Session, ctx: JobContext, worker: str, code: str, messag
     )
     if done:
         ctx.audit(s, "job.failed", {"code": code})
+        ctx.ended = "failed"
     return bool(done)
