@@ -1,50 +1,37 @@
-"""The Flask application factory and the pieces every view shares."""
+"""The Flask application factory: the app, its hooks and error handlers (views: service.web)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import importlib.metadata
-import json
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, current_app, g, jsonify, request
-from pydantic import BaseModel, ValidationError
+from flask import Flask, Response, g, jsonify, request
 from sqlalchemy import text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
 from service import logs, metrics, notify
-from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
 from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction
 from service.errors import (
-    ForbiddenError,
-    InvalidError,
-    PayloadTooLargeError,
     ServiceError,
     UnauthorizedError,
-    UnsupportedMediaTypeError,
 )
-from service.idempotency import ops as idempotency
-from service.idempotency.ops import check_key
 from service.jobs.cache import FinishedJobs
 from service.jobs.run.sandbox import probe
 from service.jobs.wakeups import Wakeups
 from service.jobs.watch import JobWatcher
-from service.limits import RequestLimits, hold_request, load_json, refusal_event
+from service.limits import RequestLimits, hold_request
 from service.openapi import DOCS_PAGE, build_spec
-from service.principal import ADMIN, Principal
+from service.principal import ADMIN
 from service.queue import Dispatcher
 from service.tokens.ops import authenticate
+from service.web import Services, audit_refusal, record_refusal, services
 from service.webhooks import outbox
 
 log = logging.getLogger("retort.api")
@@ -55,19 +42,6 @@ class IdConverter(IntegerConverter):
 
     def __init__(self, url_map, *args, **kwargs):
         super().__init__(url_map, min=1, max=2**63 - 1)
-
-
-@dataclasses.dataclass
-class Services:
-    config: Config
-    engine: Engine
-    sessions: sessionmaker[Session]
-    box: SecretBox
-    dispatcher: Dispatcher
-    watcher: JobWatcher
-    finished_jobs: FinishedJobs
-    limits: RequestLimits
-    wakeups: Wakeups
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -83,7 +57,7 @@ def create_app(config: Config | None = None) -> Flask:
     )
     sessions = make_sessionmaker(engine, config.audit_keys)
     dispatcher = Dispatcher(config)
-    limits = RequestLimits(config, lambda data: _record_refusal(sessions, "anonymous", data))
+    limits = RequestLimits(config, lambda data: record_refusal(sessions, "anonymous", data))
     app.wsgi_app = limits.wrap(app.wsgi_app)
     outbox.attach(sessions, config, dispatcher)
     app.extensions["retort"] = Services(
@@ -206,7 +180,7 @@ def create_app(config: Config | None = None) -> Flask:
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
-        _audit_refusal(exc.status, exc.code, exc.message)
+        audit_refusal(exc.status, exc.code, exc.message)
         return jsonify(exc.to_dict()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
@@ -215,7 +189,7 @@ def create_app(config: Config | None = None) -> Flask:
             exc.code or 500, (exc.name or "error").lower().replace(" ", "_")
         )
         body = {"error": {"code": code, "message": exc.description, "details": {}}}
-        _audit_refusal(exc.code or 500, code, exc.description or "")
+        audit_refusal(exc.code or 500, code, exc.description or "")
         # Keep what the exception adds (Allow on a 405), not its HTML body's type.
         headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
         return jsonify(body), exc.code, headers
@@ -262,129 +236,3 @@ def _version() -> str:
         return importlib.metadata.version("retort")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def services() -> Services:
-    return current_app.extensions["retort"]
-
-
-def principal() -> Principal:
-    return g.principal
-
-
-def actor() -> str:
-    return g.principal.name
-
-
-def require(role: str, *, everywhere: bool = False) -> None:
-    """Refuse (403) a token whose role is below `role`, or that is not for every project."""
-    who = principal()
-    if not who.has_role(role):
-        raise ForbiddenError(
-            f"a {who.role} token cannot do this: it needs the {role} role",
-            {"role": who.role, "needs": role},
-        )
-    if everywhere and not who.everywhere:
-        raise ForbiddenError(
-            'this needs a token for every project (projects: "*")',
-            {"role": who.role, "needs": f"{role} on *"},
-        )
-
-
-def _audit_refusal(status: int, code: str, message: str) -> None:
-    """Record a refused write in the audit log: who, what, why (reads are not recorded).
-
-    Without a valid token, refusals are counted per source address and recorded
-    as one event per source per window carrying the count (service.limits).
-    """
-    if not 400 <= status < 500 or not request.path.startswith("/v1/"):
-        return
-    write = request.method not in ("GET", "HEAD", "OPTIONS")
-    event = refusal_event(request.method, request.path, status, code, message)
-    who = getattr(g, "principal", None)
-    if who is None:
-        source = request.remote_addr or "unknown"
-        services().limits.refusals.note(source, event if write else None)
-    elif write:
-        _record_refusal(services().sessions, who.name, event)
-
-
-def _record_refusal(sessions: sessionmaker[Session], who: str, data: dict[str, Any]) -> None:
-    try:
-        with transaction(sessions) as s:
-            record_event(s, "request.refused", actor=who, data=data)
-    except Exception:  # noqa: BLE001 - the refusal is answered even if it cannot be recorded
-        log.exception("could not record a refused %s %s", data.get("method"), data.get("path"))
-
-
-def idempotent(
-    scope: str, payload: Any, create: Callable[[Session], tuple[str, int]]
-) -> tuple[str, int, bool]:
-    """Run `create` in a transaction once per Idempotency-Key; return (resource, status, replayed).
-
-    Without the header this is just a transaction. With it, a repeat of the
-    same request from the same token gets the first answer's resource and
-    status; the same key with another request is a 422. `create` returns the
-    resource it made (a job id, a bundle digest) and the status to answer with.
-    """
-    key = check_key(request.headers.get("Idempotency-Key"))
-    digest = idempotency.request_digest(scope, payload)
-    ttl = services().config.idempotency_ttl_s
-
-    def attempt() -> tuple[str, int, bool]:
-        with transaction(services().sessions) as s:
-            if key is not None:
-                prior = idempotency.find_replay(s, g.token_digest, key, digest, ttl)
-                if prior is not None:
-                    return prior.resource, prior.status_code, True
-            resource, status = create(s)
-            if key is not None:
-                idempotency.remember(s, g.token_digest, key, scope, digest, status, resource)
-            return resource, status, False
-
-    try:
-        return attempt()
-    except IntegrityError:
-        if key is None:
-            raise
-        # A concurrent request with the same key committed first: replay its answer.
-        return attempt()
-
-
-def parse_json(model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body, or raise a 4xx that names the bad field."""
-    config = services().config
-    if request.content_length and request.content_length > config.max_body_bytes:
-        raise PayloadTooLargeError(
-            "the request body is too large", {"limit_bytes": config.max_body_bytes}
-        )
-    if not request.is_json:
-        raise UnsupportedMediaTypeError("send the body as JSON (Content-Type: application/json)")
-    # However it arrives (chunked too): at most the limit is read, nesting is bounded.
-    data = load_json(request.stream, config.max_body_bytes, config.max_json_depth)
-    # Strict JSON types, as the OpenAPI document says: `false` is not a number
-    # and "5" is not an integer. (Query strings stay lax: everything there is text.)
-    return validate(model, json.dumps(data), strict_json=True)
-
-
-def parse_query(model: type[BaseModel]) -> Any:
-    return validate(model, request.args.to_dict())
-
-
-def validate(model: type[BaseModel], data: Any, strict_json: bool = False) -> Any:
-    try:
-        if strict_json:
-            return model.model_validate_json(data, strict=True)
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = [
-            {
-                "field": ".".join(str(p) for p in err["loc"]) or "(body)",
-                "message": err["msg"],
-            }
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        first = errors[0]
-        raise InvalidError(
-            f"{first['field']}: {first['message']}", {"errors": errors, "field": first["field"]}
-        ) from None

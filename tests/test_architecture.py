@@ -13,4 +13,36 @@ def test_import_contracts_hold():
     lint = Path(sys.executable).with_name("lint-imports")
     out = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "Contracts: 2 kept, 0 broken." in out.stdout, out.stdout
+    assert "Contracts: 4 kept, 0 broken." in out.stdout, out.stdout
+
+
+def test_any_module_imports_first_and_blueprints_stand_without_the_app():
+    """Issue 21: blueprints took their helpers from service.app (a cycle), and importing
+    service.webhooks.ops first raised ImportError. Each module in a fresh interpreter."""
+    modules = [
+        "service.webhooks.ops",
+        "service.audit.ops",
+        "service.jobs.ops",
+        "service.rollouts.ops",
+        "service.jobs.run.supervise",
+        *(
+            f"service.{name}.api"
+            for name in (
+                "audit",
+                "bundles",
+                "databases",
+                "jobs",
+                "projects",
+                "rollouts",
+                "tokens",
+                "webhooks",
+            )
+        ),
+    ]
+    for module in modules:
+        code = f"import sys, {module}; print('service.app' in sys.modules)"
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, (module, out.stderr)
+        assert out.stdout.strip() == "False", f"{module} pulls in service.app"

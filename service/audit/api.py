@@ -3,7 +3,6 @@ import json
 from flask import Blueprint, Response
 from sqlalchemy import select
 
-from service.app import parse_query, principal, require, services
 from service.audit.checkpoints import read_outside_checkpoints, trusted_public_keys
 from service.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from service.audit.ops import export_checkpoint, list_events, serialize_event, verify_chain
@@ -11,6 +10,7 @@ from service.audit.schemas import AuditList, AuditPage, AuditVerifyOut
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
 from service.openapi import operation
+from service.web import parse_query, principal, require, services
 
 bp = Blueprint("audit", __name__)
 

@@ -1,6 +1,5 @@
 from flask import Blueprint, request
 
-from service.app import actor, idempotent, parse_query, principal, require, services, validate
 from service.bundles.archive import Limits, parse_bundle
 from service.bundles.ops import (
     get_bundle,
@@ -15,6 +14,7 @@ from service.db import transaction
 from service.errors import UnsupportedMediaTypeError
 from service.openapi import operation
 from service.projects.ops import get_project
+from service.web import actor, idempotent, parse_query, principal, require, services, validate
 
 bp = Blueprint("bundles", __name__)
 

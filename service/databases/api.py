@@ -1,6 +1,5 @@
 from flask import Blueprint
 
-from service.app import actor, parse_json, parse_query, principal, require, services
 from service.databases.ops import (
     create_database,
     list_databases,
@@ -25,6 +24,7 @@ from service.databases.schemas import (
 )
 from service.db import transaction
 from service.openapi import operation
+from service.web import actor, parse_json, parse_query, principal, require, services
 
 bp = Blueprint("databases", __name__)
 

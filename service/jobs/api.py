@@ -6,16 +6,6 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request, url_for
 
-from service.app import (
-    Services,
-    actor,
-    idempotent,
-    parse_json,
-    parse_query,
-    principal,
-    require,
-    services,
-)
 from service.db import autocommit, transaction
 from service.errors import ServiceError
 from service.jobs.approvals import decide
@@ -48,6 +38,16 @@ from service.jobs.watch import TooManyWaitersError
 from service.limits import hold_stream
 from service.openapi import operation
 from service.principal import Principal
+from service.web import (
+    Services,
+    actor,
+    idempotent,
+    parse_json,
+    parse_query,
+    principal,
+    require,
+    services,
+)
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger("retort.api")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import re
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Row, Select, and_, bindparam, select, update
@@ -17,6 +16,7 @@ from service.databases.models import Database
 from service.databases.ops import get_database
 from service.db import iso, utcnow
 from service.errors import InvalidError, NotAnApproverError, NotFoundError
+from service.jobs import relative
 from service.jobs.models import ACTIVE_STATES, Job, JobStep
 from service.jobs.schemas import JobCreate, JobList
 from service.jobs.targets import check_target
@@ -25,7 +25,6 @@ from service.locks.models import Lease
 from service.principal import Principal
 from service.projects.models import Project
 
-_RELATIVE = re.compile(r"[+-]\d+$")
 # Ids are 64-bit signed in the state database; a larger one cannot exist.
 MAX_ID = 2**63
 
@@ -93,7 +92,7 @@ def create_job(
         check_approver(project, who, "allow blocking lint codes for")
     kind = "plan" if body.dry_run else "migrate"
     options = _options(body)
-    if body.coalesce and not _RELATIVE.search(target):
+    if body.coalesce and not relative.from_current(target):
         # Only the newest active job of the database: attaching to an older one
         # would report its outcome while a later job may undo it.
         newest = session.scalar(

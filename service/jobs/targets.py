@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 
 from alembic.script.revision import MultipleHeads, RangeNotAncestorError, ResolutionError
@@ -10,17 +9,14 @@ from alembic.script.revision import MultipleHeads, RangeNotAncestorError, Resolu
 from service.bundles.archive import revision_map
 from service.bundles.models import Bundle
 from service.errors import InvalidError, MultipleHeadsError
-
-_RELATIVE = re.compile(r"^([+-])(\d+)$")
-_BRANCH = re.compile(r"^(?P<label>[^@]+)@(?P<rel>head|base|[+-]\d+)$")
-_REV_RELATIVE = re.compile(r"^(?P<rev>.+?)(?P<rel>[+-]\d+)$")
+from service.jobs import relative
 
 
 def check_target(bundle: Bundle, action: str, target: str) -> str:
     """Return the target, normalized, or raise a 422 that says how to fix it."""
     target = target.strip()
     heads = bundle.heads
-    rel = _RELATIVE.match(target)
+    rel = relative.STEPS.match(target)
     if rel:
         sign, steps = rel.groups()
         if int(steps) == 0:
@@ -56,8 +52,8 @@ def check_target(bundle: Bundle, action: str, target: str) -> str:
     if target in ("head", "heads", "base"):
         return target
     rmap = revision_map(bundle.revisions)
-    branch = _BRANCH.match(target)
-    rev_rel = _REV_RELATIVE.match(target) if not branch else None
+    branch = relative.BRANCH.match(target)
+    rev_rel = relative.FROM_REVISION.match(target) if not branch else None
     ref = branch.group("label") if branch else rev_rel.group("rev") if rev_rel else target
     try:
         with warnings.catch_warnings():

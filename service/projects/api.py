@@ -1,6 +1,5 @@
 from flask import Blueprint
 
-from service.app import actor, parse_json, principal, require, services
 from service.db import transaction
 from service.openapi import operation
 from service.projects.ops import (
@@ -11,6 +10,7 @@ from service.projects.ops import (
     update_project,
 )
 from service.projects.schemas import ProjectCreate, ProjectOut, ProjectPage, ProjectPatch
+from service.web import actor, parse_json, principal, require, services
 
 bp = Blueprint("projects", __name__)
 

@@ -8,7 +8,6 @@ import time
 
 from flask import Blueprint, Response, url_for
 
-from service.app import actor, idempotent, parse_json, parse_query, principal, require, services
 from service.db import transaction
 from service.limits import hold_stream
 from service.openapi import operation
@@ -23,6 +22,7 @@ from service.rollouts.schemas import (
     RolloutOut,
     RolloutPage,
 )
+from service.web import actor, idempotent, parse_json, parse_query, principal, require, services
 
 bp = Blueprint("rollouts", __name__)
 

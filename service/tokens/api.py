@@ -1,10 +1,10 @@
 from flask import Blueprint
 
-from service.app import actor, parse_json, require, services
 from service.db import transaction
 from service.openapi import operation
 from service.tokens.ops import create_token, list_tokens, revoke_token, serialize_token
 from service.tokens.schemas import TokenCreate, TokenOut, TokenPage
+from service.web import actor, parse_json, require, services
 
 bp = Blueprint("tokens", __name__)
 

@@ -1,10 +1,10 @@
 from flask import Blueprint
 
-from service.app import actor, parse_json, parse_query, principal, require, services
 from service.db import transaction
 from service.jobs.ops import decode_cursor, encode_cursor
 from service.openapi import operation
 from service.projects.ops import get_project
+from service.web import actor, parse_json, parse_query, principal, require, services
 from service.webhooks import network
 from service.webhooks.ops import (
     check_webhook_url,

@@ -6,19 +6,19 @@ unit tests use it on any ScriptDirectory.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from alembic.script import ScriptDirectory
 
+from service.jobs import relative
 from service.jobs.run.failure import JobFailure
 
-RELATIVE = re.compile(r"^[+-]\d+$")
+RELATIVE = relative.STEPS
 
 
 def is_relative(target: str) -> bool:
     """+N, -N and branch@+N depend on where the database is: not safe to run twice."""
-    return bool(RELATIVE.match(target) or re.search(r"@[+-]\d+$", target))
+    return relative.from_current(target)
 
 
 def steps_for(script: ScriptDirectory, action: str, target: str, heads) -> list[Any]:
