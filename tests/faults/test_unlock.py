@@ -24,6 +24,7 @@ def test_unlock_is_refused_while_the_holder_is_alive_then_frees_a_dead_ones_leas
     assert c.get(f"/v1/jobs/{job_id}").body["state"] == "running"  # untouched
 
     s.kill_worker("w1")
+    hold.wait_abandoned()  # its runner dies a moment after it: opening first races its COMMIT
     hold.open()
     _wait(lambda: c.post(f"/v1/databases/{db}/unlock").status != 409, 15, "the lease to expire")
     job = c.get(f"/v1/jobs/{job_id}").body
