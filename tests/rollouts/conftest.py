@@ -48,19 +48,18 @@ def jobs_of(c: Client, rollout_id: int) -> list[dict[str, Any]]:
             return out
 
 
-def make_table(url: str, name: str) -> None:
+def _execute(url: str, sql: str) -> None:
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql(f"CREATE TABLE {name} (id INTEGER)")
+            conn.exec_driver_sql(sql)
     finally:
         engine.dispose()
+
+
+def make_table(url: str, name: str) -> None:
+    _execute(url, f"CREATE TABLE {name} (id INTEGER)")
 
 
 def drop_table(url: str, name: str) -> None:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"DROP TABLE {name}")
-    finally:
-        engine.dispose()
+    _execute(url, f"DROP TABLE {name}")
