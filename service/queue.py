@@ -12,6 +12,7 @@ from service.config import Config
 
 RUN_JOB = "jobs.run"
 DELIVER = "webhooks.deliver"
+SETTLE = "rollouts.settle"
 
 
 def make_celery(config: Config) -> Celery:
@@ -47,6 +48,9 @@ class Dispatcher:
 
     def send_job(self, job_id: int) -> None:
         self._app.send_task(RUN_JOB, args=[job_id])
+
+    def send_settle(self, rollout_id: int, database_ids: list[int]) -> None:
+        self._app.send_task(SETTLE, args=[rollout_id, database_ids])
 
     def send_delivery(self, delivery_id: int, countdown: float | None = None) -> None:
         self._app.send_task(

@@ -17,7 +17,8 @@ from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker
 from service.jobs.run.claim import run_job
 from service.jobs.run.context import WorkerProcess
 from service.jobs.run.sandbox import probe
-from service.queue import DELIVER, RUN_JOB
+from service.queue import DELIVER, RUN_JOB, SETTLE
+from service.rollouts.settle import settle_batch
 from service.webhooks import outbox
 from service.webhooks.delivery import attempt_delivery
 from worker.celery_app import app, config
@@ -52,6 +53,11 @@ def _box() -> SecretBox:
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run(job_id: int) -> str:
     return run_job(_process(), job_id)
+
+
+@app.task(name=SETTLE, acks_late=True, reject_on_worker_lost=True)
+def settle(rollout_id: int, database_ids: list[int]) -> dict:
+    return settle_batch(_process(), rollout_id, database_ids)
 
 
 @app.task(name=DELIVER, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

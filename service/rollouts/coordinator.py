@@ -28,6 +28,7 @@ from service.db import utcnow
 from service.jobs.models import Job
 from service.jobs.ops import insert_job
 from service.projects.models import Project
+from service.rollouts.candidates import take_batch
 from service.rollouts.models import (
     FAILED,
     HALTED,
@@ -59,6 +60,8 @@ class Advanced:
     """What the caller does after the commit: send these jobs, wake the rollout then."""
 
     send: list[int] = field(default_factory=list)
+    # Batches of databases to settle without a run (service.rollouts.settle).
+    settle: list[list[int]] = field(default_factory=list)
     wake_at: dt.datetime | None = None
     events: list[str] = field(default_factory=list)
 
@@ -149,6 +152,9 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
             out.wake_at = resume_at
             return out
         r.resume_at = None
+    batch = take_batch(s, r.id, r.wave, now)
+    if batch:
+        out.settle.append(batch)
     _start_jobs(s, r, project, active, out)
     return out
 
@@ -211,6 +217,7 @@ def _start_jobs(s: Session, r: Rollout, project: Project, active: list, out: Adv
             _rd.c.wave == r.wave,
             _rd.c.job_id.is_(None),
             _rd.c.skipped.is_(None),
+            _rd.c.settle.is_(None),  # the others are settled in batches, or read first
         )
         .order_by(_rd.c.position)
         .limit(fetch)

@@ -40,6 +40,11 @@ def settle(
                     undispatched(conn, job_id)
             except Exception:  # noqa: BLE001
                 log.exception("could not mark job %s as not sent", job_id)
+    for batch in advanced.settle:
+        try:
+            dispatcher.send_settle(rollout_id, batch)
+        except Exception:  # noqa: BLE001 - the batch goes the ordinary way once stale
+            log.exception("could not send a settle batch of rollout %s", rollout_id)
     if advanced.wake_at is not None:
         wakeups.at(member(rollout_id), advanced.wake_at.timestamp())
 

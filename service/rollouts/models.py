@@ -62,3 +62,10 @@ class RolloutDatabase(Base):
     job_id: Mapped[int | None] = mapped_column(default=None)
     # Why it never got a job: "aborted" (the rollout was), "removed" (the database was).
     skipped: Mapped[str | None] = mapped_column(String(20), default=None)
+    # Retort's state says the database is at the target already (its newest job
+    # ended there): "candidate", then "checking" while a worker reads its heads
+    # (service.rollouts.settle); back to None once read, settled or not.
+    settle: Mapped[str | None] = mapped_column(String(10), default=None)
+    settle_started_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), default=None
+    )

@@ -21,6 +21,7 @@ from service.jobs.ops import check_approver
 from service.jobs.targets import check_target
 from service.principal import Principal
 from service.projects.models import Project
+from service.rollouts.candidates import CANDIDATE, candidates, target_heads
 from service.rollouts.coordinator import JOB_FAILED, Advanced, advance, audit, wave_name
 from service.rollouts.models import (
     ABORTED,
@@ -174,6 +175,10 @@ def create_rollout(
     s.flush()
     rows, position, wave = [], 0, 0
     ordered = canary + rest
+    # At the target already, says Retort's state: read in batches, settled without a run.
+    hinted = candidates(
+        s, project.id, (db.id for db in ordered), target_heads(bundle, body.action, target)
+    )
     left_in_wave = sizes[0]
     for db in ordered:
         if left_in_wave == 0:
@@ -188,6 +193,8 @@ def create_rollout(
                 "server": server_of(box, db),
                 "job_id": None,
                 "skipped": None,
+                "settle": CANDIDATE if db.id in hinted else None,
+                "settle_started_at": None,
             }
         )
         position += 1
