@@ -487,6 +487,8 @@ def analyse(cluster: h.Cluster, run: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - the figures are extra
         run["phases"] = {"error": str(exc)}
     run["sandbox"] = sorted({str(j.get("sandbox")) for j in jobs})
+    # Settled at the target in a batch, no run (service/rollouts/settle.py): no sandbox.
+    run["settled"] = sum(1 for j in jobs if (j.get("result") or {}).get("settled"))
     run["job_states"] = dict(
         sorted((s, sum(1 for j in jobs if j["state"] == s)) for s in {j["state"] for j in jobs})
     )
@@ -821,7 +823,9 @@ def summary(results: dict[str, Any]) -> list[str]:
         noop = mr.get("n")
         if noop and "breakdown" in noop:
             lines.append(
-                f"  no-op (n) {name}: {noop['seconds']:.2f} s, sandbox {'/'.join(noop['sandbox'])}"
+                f"  no-op (n) {name}: {noop['seconds']:.2f} s, "
+                f"{noop.get('settled', 0)} of {n} settled without a run, "
+                f"sandbox {'/'.join(noop['sandbox'])}"
             )
             lines += [
                 f"    {x}" for x in breakdown_lines(noop["breakdown"], None, n, noop.get("phases"))

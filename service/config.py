@@ -64,6 +64,8 @@ class Config:
     runner_max_warm: int = 4
     runner_idle_s: float = 300.0
     runner_max_rss_mb: int = 512
+    # Under bwrap, a runner binds this many of its project's SQLite files (0: all).
+    runner_sqlite_group: int = 200
     runner_start_timeout_s: float = 30.0
     # Benchmarks only: each runner writes a cProfile of its life to this folder.
     runner_profile_dir: str = ""

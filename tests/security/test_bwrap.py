@@ -20,7 +20,8 @@ from tests.security.test_sandbox import attack, loot, loot_chain
 
 @pytest.fixture(scope="module")
 def bwrapped(backends, tmp_path_factory):
-    server = start_serve(tmp_path_factory, "bwrap", runner_max_warm=0)
+    # Groups of two of a project's SQLite files per runner (test_a_runner_binds_one_group).
+    server = start_serve(tmp_path_factory, "bwrap", runner_max_warm=0, runner_sqlite_group=2)
     server.mode = "bwrap"  # type: ignore[attr-defined]
     yield server
     server.stop()
@@ -183,6 +184,29 @@ op.create_table('mine', sa.Column('id', sa.Integer))
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "r2"
     engine.dispose()
+
+
+def test_a_runner_binds_one_group_of_its_projects_sqlite_files(bwrapped, tmp_path):
+    """Groups in the order of the databases' names: the job of `c` sees c and d only."""
+    folder = tmp_path / "fleet"
+    folder.mkdir()
+    paths = {n: folder / f"{n}.db" for n in "abcde"}
+    body = f"""
+keep('seen', sorted(n for n, p in { ({n: str(p) for n, p in paths.items()})!r}.items()
+                    if os.path.exists(p)))
+"""
+    c = bwrapped.client
+    project, _ = setup_project(c, loot_chain(body))
+    names = {
+        n: register_db(c, project, f"sqlite:///{p}", name=f"{project}-{n}")
+        for n, p in paths.items()
+    }
+    job = run_job(c, names["c"], timeout=90)
+    assert job["state"] == "succeeded" and job["sandbox"] == "bwrap", job
+    assert loot(f"sqlite:///{paths['c']}")["seen"] == ["c", "d"]
+    job = run_job(c, names["e"], timeout=90)
+    assert job["state"] == "succeeded", job
+    assert loot(f"sqlite:///{paths['e']}")["seen"] == ["e"]
 
 
 def test_a_modified_cache_file_is_never_run(bwrapped, new_db):

@@ -51,8 +51,8 @@ class WorkerProcess:
         self._pool: RunnerPool | None = None
         self.environments = Environments(config)
         self.bundles: dict[int, Any] = {}  # bundle pk -> BundleInfo (bundles never change)
-        # project id -> its SQLite targets' real paths (what a sandboxed runner may write)
-        self.sqlite_files: dict[int, frozenset[str]] = {}
+        # project id -> its SQLite targets' real paths, in bind groups (jobs.run.sqlite_binds)
+        self.sqlite_files: dict[int, Any] = {}
         # A warm shutdown (SIGTERM) lets running migrations go on until this
         # monotonic deadline, then stops them and hands their jobs over.
         self.shutdown_deadline: float | None = None

@@ -219,14 +219,16 @@ class RunnerSpec:
     project_id: int | None
     helpers_digest: str | None = None
     sqlite_files: frozenset[str] = frozenset()
+    # Which group of the project's SQLite files it binds (jobs.run.sqlite_binds).
+    bind_group: int | None = None
     # The project's environment (jobs.run.environments): its key and its
     # interpreter; None: the worker's own.
     env_key: str | None = None
     env_python: str | None = None
 
     @property
-    def key(self) -> tuple[int | None, str | None, str | None]:
-        return (self.project_id, self.helpers_digest, self.env_key)
+    def key(self) -> tuple[int | None, str | None, str | None, int | None]:
+        return (self.project_id, self.helpers_digest, self.env_key, self.bind_group)
 
 
 class RunnerProcess:

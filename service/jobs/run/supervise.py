@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from service import targets
-from service.databases.models import Database
 from service.db import transaction, utcnow
 from service.jobs.models import Job
 from service.jobs.run import admission, endings, safety
@@ -39,6 +37,7 @@ from service.jobs.run.sandbox import (
     SandboxUnavailable,
     resolve,
 )
+from service.jobs.run.sqlite_binds import project_files
 from service.jobs.run.steps import (
     STEP_FLUSH_S,
     BadReport,
@@ -276,49 +275,21 @@ class JobRun:
     def _spec(self) -> RunnerSpec:
         info = self.plan.bundle
         files: frozenset[str] = frozenset()
+        group = None
         if self.sandbox is not None and self.sandbox.mode == "bwrap" and self._is_sqlite():
-            files = self._project_sqlite_files()
+            mine = sqlite_path(self.url.database)
+            group, files = project_files(self.ctx, mine).group(mine)
         return RunnerSpec(
             project_id=info.project_id,
             helpers_digest=info.digest if info.helpers else None,
             sqlite_files=files,
+            bind_group=group,
             env_key=self.env.key if self.env else None,
             env_python=self.env_python,
         )
 
     def _is_sqlite(self) -> bool:
         return self.url is not None and targets.dialect_of(self.url) == "sqlite"
-
-    def _project_sqlite_files(self) -> frozenset[str]:
-        """The project's SQLite targets (their real paths): what its runner may write."""
-        ctx = self.ctx
-        cache = ctx.process.sqlite_files
-        mine = sqlite_path(self.url.database)
-        files = cache.get(ctx.project_id)
-        if files is None or mine not in files:
-            with transaction(ctx.sessions) as s:
-                rows = s.scalars(
-                    select(Database.url_encrypted).where(
-                        Database.project_id == ctx.project_id,
-                        Database.dialect == "sqlite",
-                        Database.removed_at.is_(None),
-                    )
-                ).all()
-            found = {mine}
-            for encrypted in rows:
-                try:
-                    url = targets.normalize_url(ctx.process.box.decrypt(encrypted))
-                except Exception:  # noqa: BLE001 - a registration that cannot be a target
-                    continue
-                found.add(sqlite_path(url.database))
-            for path in found:
-                try:
-                    prepare_for_sandbox(path)
-                except OSError as exc:
-                    log.warning("cannot prepare SQLite target %s for the sandbox: %s", path, exc)
-            files = frozenset(p for p in found if os.path.exists(p))
-            cache[ctx.project_id] = files
-        return files
 
     def _take_runner(self, spec: RunnerSpec | None = None) -> RunnerProcess:
         if self.runner is None:
