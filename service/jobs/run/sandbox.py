@@ -478,6 +478,10 @@ class RunnerPool:
         self._lock = threading.Lock()
         self._want_spare = threading.Event()
         self._spawner: threading.Thread | None = None
+        # Runners started ahead for a spec a job will soon need (the next group of a
+        # rollout's SQLite files): key -> the runner, or None while it starts.
+        self._ahead: dict[tuple, RunnerProcess | None] = {}
+        self._ahead_wanted: list[RunnerSpec] = []
 
     def prime(self) -> None:
         """Start keeping a spare runner (from now on, one is always being made ready)."""
@@ -487,12 +491,56 @@ class RunnerPool:
         self._spawner.start()
         self._want_spare.set()
 
+    def prepare(self, spec: RunnerSpec) -> None:
+        """Start a runner for `spec` in the background, unless one is warm or coming."""
+        if self.config.runner_max_warm <= 0:
+            return
+        with self._lock:
+            if spec.key in self.idle or spec.key in self._ahead:
+                return
+            self._ahead[spec.key] = None
+            self._ahead_wanted.append(spec)
+        self.prime()
+        self._want_spare.set()
+
+    def ready(self, spec: RunnerSpec) -> bool:
+        """Whether a runner for `spec` is warm or started ahead (and alive)."""
+        with self._lock:
+            runner = self.idle.get(spec.key) or self._ahead.get(spec.key)
+        return runner is not None and runner.alive()
+
+    def _build_ahead(self) -> None:
+        while True:
+            with self._lock:
+                if not self._ahead_wanted:
+                    return
+                spec = self._ahead_wanted.pop(0)
+            try:
+                runner = RunnerProcess(spec, self.sandbox, self.config)
+            except Exception as exc:  # noqa: BLE001 - the job starts its own when it comes
+                log.warning("could not start a runner ahead: %s", exc)
+                with self._lock:
+                    self._ahead.pop(spec.key, None)
+                continue
+            runner.last_used = time.monotonic()
+            with self._lock:
+                if spec.key in self._ahead:
+                    self._ahead[spec.key], runner = runner, None
+            if runner is not None:  # let go meanwhile (close_all)
+                runner.close()
+
     def _keep_spare(self) -> None:
+        # One thread makes every runner started ahead: a runner's die-with-parent
+        # signal follows the thread that started it, and this one lives as long
+        # as the process.
         while True:
             self._want_spare.wait()
             self._want_spare.clear()
+            self._build_ahead()
             while (quiet := time.monotonic() - self.last_activity) < self.SPARE_AFTER_IDLE_S:
-                time.sleep(self.SPARE_AFTER_IDLE_S - quiet)
+                if self._want_spare.wait(self.SPARE_AFTER_IDLE_S - quiet):
+                    self._want_spare.clear()
+                    self._build_ahead()
             with self._lock:
                 if self._spare is not None:
                     continue
@@ -531,6 +579,10 @@ class RunnerPool:
         self.last_activity = time.monotonic()
         self.evict_idle()
         runner = self.idle.pop(spec.key, None)
+        if runner is None:
+            with self._lock:
+                if self._ahead.get(spec.key) is not None:
+                    runner = self._ahead.pop(spec.key)
         if runner is not None and (
             not runner.alive()
             or not spec.sqlite_files <= runner.spec.sqlite_files
@@ -564,11 +616,25 @@ class RunnerPool:
             k for k, r in self.idle.items() if now - r.last_used > self.config.runner_idle_s
         ]:
             self.idle.pop(key).close()
+        with self._lock:
+            stale = [
+                k
+                for k, r in self._ahead.items()
+                if r is not None and now - r.last_used > self.config.runner_idle_s
+            ]
+            unused = [self._ahead.pop(k) for k in stale]
+        for runner in unused:
+            runner.close()
 
     def close_all(self) -> None:
         while self.idle:
             self.idle.popitem()[1].close()
         with self._lock:
             spare, self._spare = self._spare, None
+            ahead = [r for r in self._ahead.values() if r is not None]
+            self._ahead.clear()
+            self._ahead_wanted.clear()
+        for runner in ahead:
+            runner.close()
         if spare is not None:
             spare.close()

@@ -39,6 +39,12 @@ class ProjectFiles:
             return -1, frozenset((path,))
         return index, self.groups[index]
 
+    def after(self, index: int) -> tuple[int, frozenset[str]] | None:
+        """The group after `index` (a rollout's next), if there is one."""
+        if 0 <= index < len(self.groups) - 1:
+            return index + 1, self.groups[index + 1]
+        return None
+
 
 def cut(paths: list[str], size: int) -> ProjectFiles:
     """Groups of `size` in the given order (0 or less: one group)."""

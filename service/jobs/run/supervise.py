@@ -272,13 +272,23 @@ class JobRun:
         self.env_python = str(ctx.process.environments.ensure(spec, on_build))
 
     # ------------------------------------------------------------- runners
-    def _spec(self) -> RunnerSpec:
+    def _spec(self, ahead: bool = False) -> RunnerSpec | None:
+        """The runner this job needs; `ahead`: the one its rollout's next group of SQLite
+        files will need (None if there is none)."""
         info = self.plan.bundle
         files: frozenset[str] = frozenset()
         group = None
         if self.sandbox is not None and self.sandbox.mode == "bwrap" and self._is_sqlite():
             mine = sqlite_path(self.url.database)
-            group, files = project_files(self.ctx, mine).group(mine)
+            found = project_files(self.ctx, mine)
+            group, files = found.group(mine)
+            if ahead:
+                following = found.after(group)
+                if following is None:
+                    return None
+                group, files = following
+        elif ahead:
+            return None
         return RunnerSpec(
             project_id=info.project_id,
             helpers_digest=info.digest if info.helpers else None,
@@ -296,7 +306,10 @@ class JobRun:
             info = self.plan.bundle
             try:
                 mine = [sqlite_path(self.url.database)] if self._is_sqlite() else []
-                self.runner = self.ctx.process.pool.take(spec or self._spec(), mine)
+                pool = self.ctx.process.pool
+                self.runner = pool.take(spec or self._spec(), mine)
+                if self.plan.rollout_id is not None and (following := self._spec(ahead=True)):
+                    pool.prepare(following)  # ready when the rollout reaches those files
                 # Verified before every use: the runner's own copy if it has one
                 # (a warm runner), else the cache's, then linked for it.
                 staged, problem = self.runner.staged(info.digest, info.files)
