@@ -152,7 +152,7 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
             out.wake_at = resume_at
             return out
         r.resume_at = None
-    batch = take_batch(s, r.id, r.wave, now)
+    batch = take_batch(s, r.id, r.wave, now) if opts.get("settle_candidates") else None
     if batch:
         out.settle.append(batch)
     _start_jobs(s, r, project, active, out)

@@ -200,6 +200,8 @@ def create_rollout(
         position += 1
         left_in_wave -= 1
     s.execute(insert(_rd), rows)
+    if hinted:  # the coordinator looks for batches to settle only then
+        rollout.options = {**options, "settle_candidates": len(hinted)}
     audit(
         s,
         rollout,
