@@ -14,7 +14,8 @@ takes a batch of them at once:
    no state transaction open.
 4. In one transaction, each database that is at the target, whose applied
    revisions' files are the bundle's, that is not refused for drift, and that
-   no job touched since step 2 (none active, none newer, its lease free) gets
+   no job may have changed meanwhile (none active when the batch was read or
+   now, none newer) gets
    a job born `succeeded` (`settled: true`, from_heads = to_heads, no steps),
    audited (`job.requested`, `job.succeeded`) and linked to the rollout.
    Every other one goes back to the ordinary way: the coordinator starts a
@@ -51,6 +52,7 @@ log = logging.getLogger("retort.rollouts")
 
 READERS = 8  # heads read at once (network targets wait on their servers)
 _rd = RolloutDatabase.__table__
+_ACTIVE = case((Job.state.in_((*ACTIVE_STATES, WAITING_FOR_APPROVAL)), 1), else_=0)
 
 
 def settle_batch(process: Any, rollout_id: int, database_ids: list[int]) -> dict[str, int]:
@@ -105,13 +107,15 @@ def _batch(s: Session, rollout_id: int, database_ids: list[int]):
         return None
     project = s.get(Project, r.project_id)
     bundle = s.get(Bundle, r.bundle_pk)
-    newest = dict(
-        s.execute(
-            select(Job.database_id, func.max(Job.id))
-            .where(Job.database_id.in_(ids))
-            .group_by(Job.database_id)
-        ).all()
-    )
+    newest, busy = {}, set()
+    for database_id, last, active in s.execute(
+        select(Job.database_id, func.max(Job.id), func.sum(_ACTIVE))
+        .where(Job.database_id.in_(ids))
+        .group_by(Job.database_id)
+    ):
+        newest[database_id] = last
+        if active:
+            busy.add(database_id)  # a read now could see it half-way: the ordinary way
     rollout = {
         "id": r.id,
         "project": project.name,
@@ -134,6 +138,7 @@ def _batch(s: Session, rollout_id: int, database_ids: list[int]):
             "url_encrypted": db.url_encrypted,
             "settings": project.settings or {},
             "newest_job": newest.get(db.id),
+            "busy": db.id in busy,
             "drifted": bool(db.drifted),
             "removed": db.removed_at is not None,
         }
@@ -175,6 +180,7 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
             heads is None
             or frozenset(heads) != rollout["heads"]
             or database_id in busy
+            or item["busy"]
             or item["removed"]
             or (item["drifted"] and rollout["refuse_drifted"])
             or _changed(applied_checksums(s, database_id), rollout["shas"])
@@ -197,9 +203,8 @@ def _touched(s: Session, reads: list[dict]) -> set[int]:
     active now, or with a job newer than the newest seen then. (A lease is held
     only by an active job: its end releases it in the same transaction.)"""
     newest = {item["database_id"]: item["newest_job"] for item in reads}
-    active = case((Job.state.in_((*ACTIVE_STATES, WAITING_FOR_APPROVAL)), 1), else_=0)
     rows = s.execute(
-        select(Job.database_id, func.max(Job.id), func.sum(active))
+        select(Job.database_id, func.max(Job.id), func.sum(_ACTIVE))
         .where(Job.database_id.in_(list(newest)))
         .group_by(Job.database_id)
     ).all()
