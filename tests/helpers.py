@@ -236,7 +236,10 @@ class Retort:
         raise RuntimeError(f"Retort not ready after {timeout}s: {last}; logs in {self.log_dir}")
 
     def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+        """What every process wrote: the harness's files (a process's terminal output, so
+        `retort serve`'s own lines) and `retort serve`'s children's, in logs/."""
+        paths = sorted(self.log_dir.glob("*.log")) + sorted(self.log_dir.glob("logs/*.log"))
+        return "\n".join(p.read_text(errors="replace") for p in paths)
 
     def stop(self) -> None:
         for p in self.procs:

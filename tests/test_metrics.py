@@ -185,9 +185,14 @@ def test_json_log_lines_name_the_job_project_and_database(observed, new_db):
     _, samples, _ = scrape(observed.metrics_base, METRICS_TOKEN)
     assert not any(name == "retort_jobs" for name, _ in samples)  # the table: the API's
 
+    # `retort serve`'s processes write to logs/ (Redis, not Python, aside); the extra
+    # worker to the harness's file.
+    serve_logs = observed.log_dir / "logs"
+    python_logs = [serve_logs / f"{n}.log" for n in ("api", "worker", "sweeper", "webhooks")]
+    python_logs.append(observed.log_dir / "extra-worker.log")
     lines = []
-    for log in ("serve.log", "extra-worker.log"):
-        for line in (observed.log_dir / log).read_text(errors="replace").splitlines():
+    for log in python_logs:
+        for line in log.read_text(errors="replace").splitlines():
             if line.startswith("{"):
                 lines.append(json.loads(line))
     assert lines and all({"ts", "level", "logger", "message"} <= set(d) for d in lines)
@@ -198,15 +203,18 @@ def test_json_log_lines_name_the_job_project_and_database(observed, new_db):
     loggers = {d["logger"] for d in lines}
     assert {"gunicorn.access", "retort.sweeper"} <= loggers, loggers
     # gunicorn's lines, Celery's, Python's warnings and the sweeper's are JSON too:
-    # the only text lines are serve's own banner and Celery's shutdown notices.
-    banner = ("Retort is running", "  ", "Press Ctrl-C", "worker: ")
-    for log in ("serve.log", "extra-worker.log"):
+    # the only text lines are Celery's shutdown notices.
+    for log in python_logs:
         text = [
             line
-            for line in (observed.log_dir / log).read_text(errors="replace").splitlines()
+            for line in log.read_text(errors="replace").splitlines()
             if line.strip() and not line.startswith("{")
         ]
-        assert all(line.startswith(banner) for line in text), (log, text[:20])
+        assert all(line.startswith("worker: ") for line in text), (log, text[:20])
+    # And the terminal has serve's own lines only.
+    own = ("Retort is ", "  ", "Next, ", "Press Ctrl-C")
+    terminal = (observed.log_dir / "serve.log").read_text(errors="replace").splitlines()
+    assert all(line.startswith(own) for line in terminal), terminal
 
 
 def test_api_lines_name_the_database_or_job_of_the_url(observed):
