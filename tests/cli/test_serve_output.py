@@ -227,12 +227,9 @@ def test_a_child_that_dies_at_start_is_named_with_its_last_lines(backends, tmp_p
             assert serve.exit(timeout=60) == 1, serve.output
         finally:
             serve.kill()
-    out = "\n".join(serve.output)
-    assert "error: the api process exited (1)" in out, out
-    assert f"the last lines of {data_dir / 'logs' / 'api.log'}:" in out, out
+    out = died(serve, "api", "exited (1)", tree)
     assert re.search(r"^  \| .*(Connection in use|Can't connect)", out, re.M), out
-    assert "Retort is running" not in out and "Traceback" not in out, out
-    assert not [pid for pid in tree if alive(pid)], tree
+    assert "Retort is running" not in out, out
 
 
 def test_a_child_that_dies_later_stops_the_stack_and_is_named(backends, tmp_path):
@@ -246,8 +243,14 @@ def test_a_child_that_dies_later_stops_the_stack_and_is_named(backends, tmp_path
         assert serve.exit(timeout=60) == 1, serve.output
     finally:
         serve.kill()
+    died(serve, "sweeper", "was killed by signal 9", tree)
+
+
+def died(serve: Serve, name: str, how: str, tree: set[int]) -> str:
+    """Check serve named the dead child with its log's tail and left nothing running."""
     out = "\n".join(serve.output)
-    assert "error: the sweeper process was killed by signal 9" in out, out
-    assert f"the last lines of {data_dir / 'logs' / 'sweeper.log'}:" in out, out
+    assert f"error: the {name} process {how}; the last lines of " in out, out
+    assert str(serve.data_dir / "logs" / f"{name}.log") in out, out
     assert "Traceback" not in out, out
     assert not [pid for pid in tree if alive(pid)], tree
+    return out
