@@ -304,6 +304,7 @@ def stop(children: list[Child], stopper: Stopper) -> None:
         grace = max(c.stop_timeout_s for c in children)
         click.echo(f"stopping… (up to {grace:.0f} s for a running migration; Ctrl-C again: kill)")
     broker = [c for c in children if c.name == "redis"]
+    killed: list[str] = []
     for phase in ([c for c in children if c not in broker], broker):
         for child in phase:
             child.terminate()
@@ -315,6 +316,8 @@ def stop(children: list[Child], stopper: Stopper) -> None:
                         f"{child.name} did not stop within {child.stop_timeout_s:.0f} s: killed",
                         err=True,
                     )
+                elif stopper.now:
+                    killed.append(child.name)
                 if late or stopper.now:
                     child.kill_group()
                     child.reap()
@@ -322,6 +325,8 @@ def stop(children: list[Child], stopper: Stopper) -> None:
         for child in phase:
             child.kill_group()  # what an exited leader left in its group
             child.reap()
+    if killed:
+        click.echo(f"killed at once: {', '.join(killed)}", err=True)
 
 
 def print_banner(config: Config, ready: dict, log_dir: Path, children: list[Child]) -> None:

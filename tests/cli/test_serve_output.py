@@ -183,12 +183,7 @@ def test_serve_prints_a_few_lines_then_stops_on_ctrl_c(backends, tmp_path):
         assert "Listening at" in (logs / "api.log").read_text()
 
         # Ctrl-C while a migration runs: it is handed back, everything stops, quickly.
-        c = Client(f"http://127.0.0.1:{serve.port}", (data_dir / "admin-token").read_text().strip())
-        slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(120)")}
-        project, _ = setup_project(c, slow)
-        db = register_db(c, project, f"sqlite:///{data_dir / 'targets' / 'slow.db'}")
-        job = c.post("/v1/jobs", {"database": db}).body["id"]
-        c.wait_state(job, "running", timeout=60)
+        job = start_slow_job(serve)
         tree = descendants(serve.proc.pid)
         assert len(tree) >= len(CHILDREN), tree
         stopped_at = time.monotonic()
@@ -208,6 +203,39 @@ def test_serve_prints_a_few_lines_then_stops_on_ctrl_c(backends, tmp_path):
         assert state_of_job == "queued", state_of_job  # handed back, not lost
     finally:
         serve.kill()
+
+
+def start_slow_job(serve: Serve) -> int:
+    """A migration that runs for two minutes, once it runs: its job's id."""
+    token = (serve.data_dir / "admin-token").read_text().strip()
+    c = Client(f"http://127.0.0.1:{serve.port}", token)
+    slow = {"versions/s1.py": revision("s1", None, "import time; time.sleep(120)")}
+    project, _ = setup_project(c, slow)
+    db = register_db(c, project, f"sqlite:///{serve.data_dir / 'targets' / 'slow.db'}")
+    job = c.post("/v1/jobs", {"database": db}).body["id"]
+    c.wait_state(job, "running", timeout=60)
+    return job
+
+
+def test_a_second_ctrl_c_kills_at_once(backends, tmp_path):
+    data_dir = tmp_path / "data"
+    serve = Serve(data_dir, free_port(), _env(data_dir))  # a 25 s shutdown grace
+    try:
+        serve.wait_for("Press Ctrl-C to stop.")
+        start_slow_job(serve)
+        tree = descendants(serve.proc.pid)
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        serve.wait_for("stopping", timeout=10)
+        stopped_at = time.monotonic()
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        assert serve.exit(timeout=30) == 0, serve.output
+        assert time.monotonic() - stopped_at < 5, serve.output
+    finally:
+        serve.kill()
+    assert any(line.startswith("killed at once: ") for line in serve.output), serve.output
+    assert "worker" in next(x for x in serve.output if x.startswith("killed at once")), serve.output
+    assert not [line for line in serve.output if "Traceback" in line], serve.output
+    assert not [pid for pid in tree if alive(pid)], [p for p in tree if alive(p)]
 
 
 def test_a_child_that_dies_at_start_is_named_with_its_last_lines(backends, tmp_path):
