@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class Child:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 process_group=0,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent(),
             )
         self.stop_deadline: float | None = None
 
@@ -111,12 +112,16 @@ class Child:
         return text.splitlines()[-lines:]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel kills it when serve dies, however."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """What a child runs before exec so that the kernel kills it when serve dies, however.
+
+    libc is looked up here, in serve: between fork and exec the child only calls it.
+    """
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux: serve's own stop is all there is
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Stopper:
@@ -144,6 +149,14 @@ class Stopper:
         return self.requests >= 2
 
 
+def say(text: str, err: bool = False) -> None:
+    """Print one of serve's lines; a terminal that went away (SIGHUP) must not stop the stop."""
+    try:
+        click.echo(text, err=err)
+    except OSError:
+        pass
+
+
 class ServeFailed(Exception):
     """The stack could not start or a process of it died: what to tell the operator."""
 
@@ -153,7 +166,7 @@ def run(config: Config, specs: list[ChildSpec], stopper: Stopper) -> int:
     log_dir = config.data_dir / "logs"
     log_dir.mkdir(mode=0o700, exist_ok=True)
     env = {**os.environ, **config.as_env()}
-    click.echo(f"Retort is starting (logs in {log_dir}/)…")
+    say(f"Retort is starting (logs in {log_dir}/)…")
     children: list[Child] = []
     code = EXIT_STOPPED
     try:
@@ -169,12 +182,12 @@ def run(config: Config, specs: list[ChildSpec], stopper: Stopper) -> int:
                 print_banner(config, ready, log_dir, children)
                 supervise(children, stopper)
     except ServeFailed as exc:
-        click.echo(f"error: {exc}", err=True)
+        say(f"error: {exc}", err=True)
         code = EXIT_FAILED
     finally:  # whatever happened, nothing of the stack outlives serve
         stop(children, stopper)
     if code == EXIT_STOPPED:
-        click.echo("stopped.")
+        say("stopped.")
     return code
 
 
@@ -302,7 +315,7 @@ def stop(children: list[Child], stopper: Stopper) -> None:
     """Stop everything but the broker at once, then the broker; kill what outlasts its bound."""
     if any(c.exit_code() is None for c in children):
         grace = max(c.stop_timeout_s for c in children)
-        click.echo(f"stopping… (up to {grace:.0f} s for a running migration; Ctrl-C again: kill)")
+        say(f"stopping… (up to {grace:.0f} s for a running migration; Ctrl-C again: kill)")
     broker = [c for c in children if c.name == "redis"]
     killed: list[str] = []
     for phase in ([c for c in children if c not in broker], broker):
@@ -312,7 +325,7 @@ def stop(children: list[Child], stopper: Stopper) -> None:
             for child in running:
                 late = time.monotonic() > (child.stop_deadline or 0)
                 if late and not stopper.now:
-                    click.echo(
+                    say(
                         f"{child.name} did not stop within {child.stop_timeout_s:.0f} s: killed",
                         err=True,
                     )
@@ -326,7 +339,7 @@ def stop(children: list[Child], stopper: Stopper) -> None:
             child.kill_group()  # what an exited leader left in its group
             child.reap()
     if killed:
-        click.echo(f"killed at once: {', '.join(killed)}", err=True)
+        say(f"killed at once: {', '.join(killed)}", err=True)
 
 
 def print_banner(config: Config, ready: dict, log_dir: Path, children: list[Child]) -> None:
@@ -342,7 +355,7 @@ def print_banner(config: Config, ready: dict, log_dir: Path, children: list[Chil
     token_value = '"$RETORT_ADMIN_TOKEN"' if env_token else f'"$(cat {token_file})"'
     names = ",".join(c.name for c in children)
     retort, path = _retort_command()
-    click.echo(
+    say(
         f"{first}\n"
         f"  state:  {_safe(config.database_url)}\n"
         f"  broker: {_safe(config.broker_url)}\n"

@@ -249,6 +249,8 @@ class Retort:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
+                # `retort serve`'s children have process groups of their own; the
+                # kernel kills them with serve (PR_SET_PDEATHSIG, service/serve.py).
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
