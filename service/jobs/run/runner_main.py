@@ -104,16 +104,18 @@ def _serve(args: argparse.Namespace) -> int:
             "psycopg": _psycopg_impl(),
         }
     )
-    while True:
-        try:
+    try:
+        while True:
             message = chan.recv()
-        except ChannelClosed:
-            return 0  # the worker let this runner go
-        if message.get("type") in ("exit", "profile_now"):
-            return 0
-        if message.get("type") == "job":
-            runner.run_job(message["job"])
-            chan.send({"type": "idle", "rss_kb": _rss_kb()})
+            if message.get("type") in ("exit", "profile_now"):
+                return 0
+            if message.get("type") == "job":
+                runner.run_job(message["job"])
+                chan.send({"type": "idle", "rss_kb": _rss_kb()})
+    except ChannelClosed:
+        # The worker let this runner go, or stopped its job and closed the pipe
+        # while it was reporting: nothing is left to tell, no traceback to print.
+        return 0
 
 
 def _psycopg_impl() -> str | None:
