@@ -71,9 +71,10 @@ def main() -> None:
         os.environ.update(env)
         from service.app import create_app
         from service.config import Config
-        from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker
+        from service.db import PING_IDLE_AFTER_S, make_engine
         from service.jobs.run.claim import run_job
         from service.jobs.run.context import WorkerProcess
+        from service.sessions import make_state_sessions
         from service.webhooks import outbox
 
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
@@ -102,7 +103,7 @@ def main() -> None:
             ok("POST", "/v1/databases", json={"name": f"d{i}", "project": "cpu", "url": url})
             body = {"database": f"d{i}", "action": "upgrade", "target": "head"}
             job_ids.append(ok("POST", "/v1/jobs", json=body)["id"])
-        sessions = make_sessionmaker(
+        sessions = make_state_sessions(
             make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S),
             config.audit_keys,
         )

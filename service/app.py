@@ -17,7 +17,7 @@ from werkzeug.routing import IntegerConverter
 from service import logs, metrics, notify
 from service.config import Config
 from service.crypto import SecretBox
-from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction
+from service.db import PING_IDLE_AFTER_S, make_engine, transaction
 from service.errors import (
     ServiceError,
     UnauthorizedError,
@@ -30,6 +30,7 @@ from service.limits import RequestLimits, hold_request
 from service.openapi import DOCS_PAGE, build_spec
 from service.principal import ADMIN
 from service.queue import Dispatcher
+from service.sessions import make_state_sessions
 from service.tokens.ops import authenticate
 from service.web import Services, audit_refusal, record_refusal, services
 from service.webhooks import outbox
@@ -55,7 +56,7 @@ def create_app(config: Config | None = None) -> Flask:
     engine = make_engine(
         config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S, pool_size=config.api_state_pool
     )
-    sessions = make_sessionmaker(engine, config.audit_keys)
+    sessions = make_state_sessions(engine, config.audit_keys)
     dispatcher = Dispatcher(config)
     limits = RequestLimits(config, lambda data: record_refusal(sessions, "anonymous", data))
     app.wsgi_app = limits.wrap(app.wsgi_app)

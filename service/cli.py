@@ -151,12 +151,13 @@ def secrets_rotate() -> None:
     the new one encrypts), run this once, then drop <old>.
     """
     from service.crypto import SecretBox, rotate_secrets
-    from service.db import make_engine, make_sessionmaker, transaction
+    from service.db import make_engine, transaction
+    from service.sessions import make_state_sessions
 
     config = _config(None, None)
     engine = make_engine(config.database_url)
     try:
-        with transaction(make_sessionmaker(engine, config.audit_keys)) as s:
+        with transaction(make_state_sessions(engine, config.audit_keys)) as s:
             counts = rotate_secrets(s, SecretBox(config.secret_keys), "operator")
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -127,13 +127,9 @@ def _check_on_checkout(engine: Engine, ping_idle_after_s: float) -> None:
             raise DisconnectionError("the state database ended this connection")
 
 
-# Session.info key: the audit chain's HMAC keys (service.audit.ops appends with them).
-AUDIT_KEYS = "retort.audit_keys"
-
-
-def make_sessionmaker(engine: Engine, audit_keys: tuple[str, ...] = ()) -> sessionmaker[Session]:
-    """Sessions of one engine; `audit_keys` (Config.audit_keys) for those that record events."""
-    return sessionmaker(engine, expire_on_commit=False, info={AUDIT_KEYS: tuple(audit_keys)})
+def make_sessionmaker(engine: Engine, info: dict | None = None) -> sessionmaker[Session]:
+    """Sessions of one engine, that record no audit event (service.sessions: those that do)."""
+    return sessionmaker(engine, expire_on_commit=False, info=dict(info or {}))
 
 
 @contextmanager

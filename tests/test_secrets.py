@@ -13,10 +13,11 @@ def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
     from service.databases.models import Database
     from service.databases.ops import create_database
     from service.databases.schemas import DatabaseCreate
-    from service.db import make_engine, make_sessionmaker, transaction
+    from service.db import make_engine, transaction
     from service.projects.ops import create_project
     from service.projects.schemas import ProjectCreate
     from service.schema import upgrade_schema
+    from service.sessions import make_state_sessions
     from service.webhooks.ops import create_webhook
     from service.webhooks.schemas import WebhookCreate
 
@@ -24,7 +25,7 @@ def test_secrets_rotate_reencrypts_with_the_new_key(tmp_path):
     state = f"sqlite:///{tmp_path / 'state.db'}"
     upgrade_schema(state)
     engine = make_engine(state)
-    sessions = make_sessionmaker(engine, ("audit-key-of-this-test",))
+    sessions = make_state_sessions(engine, ("audit-key-of-this-test",))
     secret_url = "postgresql://app:Rotate-Me-7781@db.internal/app"
     with transaction(sessions) as s:
         project = create_project(s, ProjectCreate(name="p"), "admin")

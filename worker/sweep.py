@@ -21,7 +21,7 @@ from service import logs, metrics
 from service.audit import checkpoints
 from service.audit.chain import CHECKPOINT
 from service.config import Config
-from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker, transaction, utcnow
+from service.db import PING_IDLE_AFTER_S, make_engine, transaction, utcnow
 from service.idempotency.ops import purge_expired
 from service.jobs import sweeper
 from service.jobs.ops import due_drift_checks
@@ -29,6 +29,7 @@ from service.jobs.wakeups import Wakeups
 from service.queue import Dispatcher
 from service.rollouts.drive import drive
 from service.rollouts.ops import running_rollouts
+from service.sessions import make_state_sessions
 from service.webhooks import outbox
 from service.webhooks.delivery import deliveries_to_resend, post_signed
 
@@ -177,7 +178,7 @@ def main() -> None:
         config.lease_ttl_s,
         config.lease_ttl_s + config.sweep_interval_s,
     )
-    sessions = make_sessionmaker(engine, config.audit_keys)
+    sessions = make_state_sessions(engine, config.audit_keys)
     outbox.attach(sessions, config, dispatcher)  # hand-overs notify webhooks
     try:
         Sweeper(config, sessions, dispatcher).run(stop)

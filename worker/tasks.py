@@ -13,12 +13,13 @@ from celery import signals
 
 from service import metrics
 from service.crypto import SecretBox
-from service.db import PING_IDLE_AFTER_S, make_engine, make_sessionmaker
+from service.db import PING_IDLE_AFTER_S, make_engine
 from service.jobs.run.claim import run_job
 from service.jobs.run.context import WorkerProcess
 from service.jobs.run.sandbox import probe
 from service.queue import DELIVER, RUN_JOB, SETTLE
 from service.rollouts.settle import settle_batch
+from service.sessions import make_state_sessions
 from service.webhooks import outbox
 from service.webhooks.delivery import attempt_delivery
 from worker.celery_app import app, config
@@ -32,7 +33,7 @@ logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 @cache
 def _sessions():
     # One engine per pool process, built after the fork.
-    sessions = make_sessionmaker(
+    sessions = make_state_sessions(
         make_engine(config.database_url, ping_idle_after_s=PING_IDLE_AFTER_S), config.audit_keys
     )
     outbox.attach(sessions, config)

@@ -11,10 +11,10 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
+from service.audit import hooks
 from service.audit.chain import REKEYED, ChainCheck, Keyring, event_hash, hashed_fields
 from service.audit.models import AuditCheckpoint, AuditEvent, AuditHead
-from service.db import AUDIT_KEYS, utcnow
-from service.webhooks.enqueue import enqueue_deliveries
+from service.db import utcnow
 
 _TICK = dt.timedelta(microseconds=1)
 
@@ -28,8 +28,12 @@ def _keyring(keys: tuple[str, ...]) -> Keyring:
     return Keyring(keys)
 
 
+# Session.info key: the audit chain's HMAC keys (service.sessions gives them).
+AUDIT_KEYS = "retort.audit_keys"
+
+
 def keyring_of(session: Session) -> Keyring:
-    """The audit keys this process was given (db.make_sessionmaker's audit_keys)."""
+    """The audit keys this process was given (service.sessions.make_state_sessions)."""
     return _keyring(tuple(session.info.get(AUDIT_KEYS, ())))
 
 
@@ -139,11 +143,8 @@ def _append_pending(session: Session) -> None:
         conn.execute(_SET_HASH_KEY, {"new_hash": prev_hash, "new_key_id": keyring.current})
     else:
         conn.execute(_SET_HASH, {"new_hash": prev_hash})
-    hooks: dict[str, list] = {}
-    for row in rows:
-        enqueue_deliveries(
-            session, row["action"], row["project"], row["job_id"], hooks, row["data"]
-        )
+    # Subscribers (webhooks' deliveries) write in this transaction, after the events.
+    hooks.notify(session, rows)
 
 
 @sa_event.listens_for(Session, "after_transaction_end")

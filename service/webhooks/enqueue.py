@@ -1,7 +1,7 @@
 """Webhook deliveries written in the transaction of the audit event they report (an outbox).
 
-Kept apart from webhooks.ops (which records audit events itself), so the
-audit log can call it without an import cycle.
+Webhooks subscribe to the audit log (service.audit.hooks), which knows
+nothing of them; service.sessions subscribes them in every process.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import uuid
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from service.audit import hooks
+from service.jobs.ops import read_job
 from service.projects.models import Project
 from service.webhooks.models import Webhook, WebhookDelivery
 from service.webhooks.schemas import EVENTS
@@ -29,6 +31,18 @@ _ACTIVE_HOOKS = (
 )
 
 
+def subscribe_to_audit() -> None:
+    """Write the deliveries of every audit event this process records from now on."""
+    hooks.subscribe(enqueue_for_events)
+
+
+def enqueue_for_events(session: Session, events: list[dict]) -> None:
+    """Write the deliveries of one transaction's audit events, in order (an audit subscriber)."""
+    known: dict[str, list] = {}
+    for e in events:
+        enqueue_deliveries(session, e["action"], e["project"], e["job_id"], known, e["data"])
+
+
 def enqueue_deliveries(
     session: Session,
     event: str,
@@ -39,7 +53,7 @@ def enqueue_deliveries(
 ):
     """Write one delivery per subscribed webhook, in the caller's transaction (an outbox).
 
-    Called for every audit event: the delivery commits or rolls back with the
+    Called for every audit event (enqueue_for_events): the delivery commits or rolls back with the
     event it reports, and is sent after the commit (see webhooks.outbox).
     `known` keeps each project's active webhooks across the events of one commit.
     """
@@ -56,8 +70,6 @@ def enqueue_deliveries(
         # The rollout as the event saw it (its id, state, wave and counts).
         body: dict = {"rollout": data or {}}
     else:
-        from service.jobs.ops import read_job  # jobs.ops imports audit, which calls us
-
         body = {"job": read_job(session, job_id, with_steps=False)}
     for hook in hooks:
         uid = str(uuid.uuid4())

@@ -16,8 +16,9 @@ import sqlalchemy as sa
 from service.audit.chain import GENESIS, ChainCheck, event_hash, hashed_fields
 from service.audit.checkpoints import load_signing_key, make_checkpoint, trusted_public_keys
 from service.audit.ops import record_event, verify_chain
-from service.db import make_engine, make_sessionmaker, transaction
+from service.db import make_engine, transaction
 from service.schema import upgrade_schema
+from service.sessions import make_state_sessions
 
 KEY = "the-audit-key-of-this-installation"
 
@@ -30,7 +31,7 @@ def state(tmp_path):
     with engine.begin() as conn:  # what an attacker with the database's power does first
         for name in ("audit_events_no_update", "audit_events_no_delete"):
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
-    yield engine, make_sessionmaker(engine, (KEY,))
+    yield engine, make_state_sessions(engine, (KEY,))
     engine.dispose()
 
 
@@ -139,7 +140,7 @@ def test_an_inserted_event_is_found(state):
 def test_a_chain_from_another_installation_is_refused(state, tmp_path):
     engine, sessions = state
     _record(sessions, 3)
-    other = make_sessionmaker(engine, ("another-installation's-key",))
+    other = make_state_sessions(engine, ("another-installation's-key",))
     result = _verify(other)
     assert result["ok"] is False and result["first_bad"] == 1
 
@@ -147,12 +148,12 @@ def test_a_chain_from_another_installation_is_refused(state, tmp_path):
 def test_a_rotated_key_carries_the_chain_on(state):
     engine, sessions = state
     _record(sessions, 2)
-    rotated = make_sessionmaker(engine, ("the-new-key", KEY))
+    rotated = make_state_sessions(engine, ("the-new-key", KEY))
     _record(rotated, 2)
     actions = [r["action"] for r in _rows(engine)]
     assert actions.count("audit.rekeyed") == 2
     assert _verify(rotated)["ok"] is True
-    assert _verify(make_sessionmaker(engine, ("the-new-key",)))["ok"] is False  # old part
+    assert _verify(make_state_sessions(engine, ("the-new-key",)))["ok"] is False  # old part
 
 
 def test_an_unkeyed_chain_carries_on_from_audit_rekeyed(state):

@@ -2,17 +2,18 @@
 
 import time
 
-from service.db import make_engine, make_sessionmaker, transaction
+from service.db import make_engine, transaction
 from service.jobs.models import Job
 from service.jobs.ops import create_job, read_job
 from service.jobs.schemas import JobCreate
 from service.locks.models import Lease
+from service.sessions import make_state_sessions
 from tests.helpers import chain_bundle, register_db, setup_project
 
 
 def _sessions(server):
     keys = tuple(server.env["RETORT_AUDIT_KEY"].split(","))
-    return make_sessionmaker(make_engine(server.state_url, pooled=False), keys)
+    return make_state_sessions(make_engine(server.state_url, pooled=False), keys)
 
 
 def test_queued_job_whose_message_was_lost_still_runs(retort, new_db):
