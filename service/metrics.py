@@ -31,7 +31,8 @@ from sqlalchemy.engine import Engine
 
 from service.db import utcnow
 from service.errors import UnauthorizedError
-from service.jobs.models import ACTIVE_STATES, WAITING_FOR_APPROVAL, Job
+from service.jobs.models import Job
+from service.jobs.states import BUSY_STATES
 from service.projects.models import Project
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("retort.metrics")
 
 # The states `retort_jobs` counts (finished jobs are counted as they end).
-COUNTED_STATES = (*ACTIVE_STATES, WAITING_FOR_APPROVAL)
+COUNTED_STATES = BUSY_STATES
 # A scrape's look at the job table gives up after this long (PostgreSQL).
 SCRAPE_TIMEOUT_MS = 5000
 

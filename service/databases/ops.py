@@ -20,7 +20,8 @@ from service.databases.models import AppliedRevision, Database
 from service.databases.schemas import DatabaseCreate, DatabasePatch, RepairCreate
 from service.db import iso, utcnow
 from service.errors import ConflictError, InvalidError, NotFoundError
-from service.jobs.models import ACTIVE_STATES, WAITING_FOR_APPROVAL, Job
+from service.jobs.models import Job
+from service.jobs.states import BUSY_STATES, STARTED_STATES, JobState
 from service.locks.models import Lease
 from service.principal import Principal
 from service.projects.models import Project
@@ -102,8 +103,6 @@ def list_databases(
     return rows
 
 
-# A job in one of these states may still touch the database: its registration stays put.
-BUSY_STATES = (*ACTIVE_STATES, WAITING_FOR_APPROVAL)
 NAME_LENGTH = 100  # databases.name: String(100)
 
 
@@ -472,9 +471,9 @@ def unlock_database(session: Session, name: str, actor: str, who: Principal | No
     job = session.get(Job, holder["job"])
     failed = session.execute(
         update(Job)
-        .where(Job.id == holder["job"], Job.state.in_(("waiting_for_lock", "running")))
+        .where(Job.id == holder["job"], Job.state.in_(STARTED_STATES))
         .values(
-            state="failed",
+            state=JobState.FAILED,
             finished_at=utcnow(),
             claim_expires_at=None,
             error={
@@ -505,5 +504,5 @@ def unlock_database(session: Session, name: str, actor: str, who: Principal | No
     return {
         "database": name,
         "released": {**holder, "expired_s_ago": expired_s},
-        "job_state": "failed" if failed else (job.state if job else None),
+        "job_state": JobState.FAILED if failed else (job.state if job else None),
     }

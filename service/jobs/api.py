@@ -11,7 +11,6 @@ from service.errors import ServiceError
 from service.jobs.approvals import decide
 from service.jobs.cache import CachedJob
 from service.jobs.cancel import cancel_job
-from service.jobs.models import FINAL_STATES
 from service.jobs.ops import (
     check_visible,
     create_drift_check,
@@ -34,6 +33,7 @@ from service.jobs.schemas import (
     JobPage,
     JobShow,
 )
+from service.jobs.states import FINAL_STATES
 from service.jobs.watch import TooManyWaitersError
 from service.limits import hold_stream
 from service.openapi import operation

@@ -21,8 +21,9 @@ from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import iso, utcnow
 from service.errors import ConflictError, NotAnApproverError
-from service.jobs.models import WAITING_FOR_APPROVAL, Job
+from service.jobs.models import Job
 from service.jobs.ops import check_approver, get_job
+from service.jobs.states import JobState
 from service.principal import Principal
 from service.projects.models import Project
 
@@ -39,7 +40,7 @@ def decide(
     job = get_job(session, job_id, who)
     project = session.get(Project, job.project_id)
     db = session.get(Database, job.database_id)
-    if job.state != WAITING_FOR_APPROVAL:
+    if job.state != JobState.WAITING_FOR_APPROVAL:
         raise ConflictError(
             f"job {job_id} is {job.state}, not waiting for an approval",
             {"job": job_id, "state": job.state},
@@ -61,7 +62,7 @@ def decide(
     }
     if decision == "approved":
         values: dict[str, Any] = {
-            "state": "queued",
+            "state": JobState.QUEUED,
             "approval": approval,
             # Sent by the caller after the commit; the sweeper resends if that fails.
             "dispatched_at": utcnow() if dispatch else None,
@@ -74,10 +75,12 @@ def decide(
             "revision": None,
             "statement": None,
         }
-        values = {"state": "cancelled", "approval": approval, "error": error}
+        values = {"state": JobState.CANCELLED, "approval": approval, "error": error}
         values["finished_at"] = utcnow()
     done = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == WAITING_FOR_APPROVAL).values(values)
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.WAITING_FOR_APPROVAL)
+        .values(values)
     ).rowcount
     if not done:
         raise ConflictError(

@@ -9,8 +9,9 @@ from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
 from service.errors import ConflictError
-from service.jobs.models import WAITING_FOR_APPROVAL, Job
+from service.jobs.models import Job
 from service.jobs.ops import get_job
+from service.jobs.states import JobState
 from service.locks import ops as leases
 from service.locks.models import Lease
 from service.principal import Principal
@@ -30,14 +31,17 @@ def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None 
     done = session.execute(
         update(Job)
         .where(
-            Job.id == job_id, Job.state.in_(("queued", "waiting_for_lock", WAITING_FOR_APPROVAL))
+            Job.id == job_id,
+            Job.state.in_(
+                (JobState.QUEUED, JobState.WAITING_FOR_LOCK, JobState.WAITING_FOR_APPROVAL)
+            ),
         )
-        .values(state="cancelled", finished_at=utcnow())
+        .values(state=JobState.CANCELLED, finished_at=utcnow())
     ).rowcount
     db = session.get(Database, job.database_id)
     project = session.get(Project, job.project_id)
     if not done:
-        if job.state != "running":
+        if job.state != JobState.RUNNING:
             raise ConflictError(
                 f"job {job_id} is {job.state}: only a queued, waiting or abandoned running "
                 "job can be cancelled",
@@ -97,8 +101,8 @@ def _end_abandoned(session: Session, job: Job, db: Database, project: Project, a
     }
     ended = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.state == "running")
-        .values(state="failed", finished_at=utcnow(), claim_expires_at=None, error=error)
+        .where(Job.id == job.id, Job.state == JobState.RUNNING)
+        .values(state=JobState.FAILED, finished_at=utcnow(), claim_expires_at=None, error=error)
     ).rowcount
     if not ended:  # it ended on its own meanwhile
         return

@@ -6,11 +6,8 @@ from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, 
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base, utcnow
+from service.jobs.states import JobState
 
-ACTIVE_STATES = ("queued", "waiting_for_lock", "running")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
-# Parked: blocking lint findings wait for an approval (no lease, no worker held).
-WAITING_FOR_APPROVAL = "waiting_for_approval"
 # What a job does: apply revisions, show what they would run, or compare schemas.
 KINDS = ("migrate", "plan", "drift")
 
@@ -31,7 +28,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(10), default="migrate", server_default="migrate")
     action: Mapped[str] = mapped_column(String(20))
     target: Mapped[str] = mapped_column(String(200))
-    state: Mapped[str] = mapped_column(String(20), default="queued")
+    state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED)
     # 1 for the first run; each recovery after a lost worker runs it again from
     # the target's current heads, as the next attempt.
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")

@@ -17,8 +17,9 @@ from service.databases.ops import get_database
 from service.db import iso, utcnow
 from service.errors import InvalidError, NotAnApproverError, NotFoundError
 from service.jobs import relative
-from service.jobs.models import ACTIVE_STATES, Job, JobStep
+from service.jobs.models import Job, JobStep
 from service.jobs.schemas import JobCreate, JobList
+from service.jobs.states import ACTIVE_STATES, JobState
 from service.jobs.targets import check_target
 from service.jobs.watch import progress_key
 from service.locks.models import Lease
@@ -104,7 +105,7 @@ def create_job(
         pending = (
             newest
             if newest is not None
-            and newest.state in ("queued", "waiting_for_lock")
+            and newest.state in (JobState.QUEUED, JobState.WAITING_FOR_LOCK)
             and (newest.kind, newest.action, newest.target, newest.bundle_pk, newest.options)
             == (kind, body.action, target, bundle.pk, options)
             else None
@@ -169,7 +170,7 @@ def insert_job(
         action=action,
         target=target,
         options=options,
-        state="queued",
+        state=JobState.QUEUED,
         attempt=1,
         requested_by=actor,
         created_at=now,
@@ -215,7 +216,7 @@ def create_drift_check(
         .where(
             Job.database_id == db.id,
             Job.kind == "drift",
-            Job.state.in_(("queued", "waiting_for_lock")),
+            Job.state.in_((JobState.QUEUED, JobState.WAITING_FOR_LOCK)),
         )
         .order_by(Job.id.desc())
         .limit(1)
@@ -283,7 +284,7 @@ def undispatched(db: Session | Connection, job_id: int) -> None:
     """Sending the job's message failed: let the sweeper send it soon."""
     db.execute(
         update(_jobs)
-        .where(_jobs.c.id == job_id, _jobs.c.state == "queued")
+        .where(_jobs.c.id == job_id, _jobs.c.state == JobState.QUEUED)
         .values(dispatched_at=None)
     )
 
@@ -385,7 +386,7 @@ def _documents(*columns) -> Select:
             _leases,
             and_(
                 _leases.c.database_id == _jobs.c.database_id,
-                _jobs.c.state == "waiting_for_lock",
+                _jobs.c.state == JobState.WAITING_FOR_LOCK,
             ),
         )
     )
@@ -468,7 +469,7 @@ def _document(row: Row) -> dict[str, Any]:
         "result": row.result,
         "rollout": row.rollout_id,
     }
-    if row.state == "waiting_for_lock":
+    if row.state == JobState.WAITING_FOR_LOCK:
         holder = row.waiting_on_job_id or row.lease_holder
         out["lock"]["held_by_job"] = holder if holder != row.id else None
         if row.waiting_for and row.worker is None:

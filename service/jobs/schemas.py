@@ -11,6 +11,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.jobs.states import JOB_STATES
 from service.projects.schemas import Name, Out
 
 
@@ -78,18 +79,7 @@ class JobList(BaseModel):
 
     database: str | None = None
     kind: Literal["migrate", "plan", "drift"] | None = None
-    state: (
-        Literal[
-            "queued",
-            "waiting_for_lock",
-            "waiting_for_approval",
-            "running",
-            "succeeded",
-            "failed",
-            "cancelled",
-        ]
-        | None
-    ) = None
+    state: Literal[JOB_STATES] | None = None  # type: ignore[valid-type] - JobState's values
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = None
 

@@ -27,13 +27,12 @@ from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
 from service.jobs.models import Job
+from service.jobs.states import STARTED_STATES, JobState
 from service.locks import ops as leases
 from service.locks.models import Lease
 from service.projects.models import Project
 
 log = logging.getLogger("retort.sweeper")
-
-_STARTED = ("waiting_for_lock", "running")
 
 
 def jobs_to_redispatch(
@@ -52,7 +51,7 @@ def jobs_to_redispatch(
     now = utcnow()
     cutoff = lost_before or now - dt.timedelta(seconds=older_than_s)
     query = select(Job.id).where(
-        Job.state == "queued", or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff)
+        Job.state == JobState.QUEUED, or_(Job.dispatched_at.is_(None), Job.dispatched_at < cutoff)
     )
     if lost_before is None:
         query = query.where(Job.created_at < now - dt.timedelta(seconds=2))
@@ -73,7 +72,7 @@ def parked_to_wake(
     now = utcnow()
     epoch = epoch_now(session.bind.dialect.name)
     quiet = or_(Job.dispatched_at.is_(None), Job.dispatched_at < now - dt.timedelta(seconds=2))
-    parked = and_(Job.state == "waiting_for_lock", Job.worker.is_(None))
+    parked = and_(Job.state == JobState.WAITING_FOR_LOCK, Job.worker.is_(None))
     on_lease = (
         select(Job.id)
         .outerjoin(Lease, Lease.database_id == Job.database_id)
@@ -119,7 +118,7 @@ def recover_lost_jobs(session: Session, max_attempts: int) -> dict[str, list[int
                 Lease.token == Job.fencing_token,
             ),
         )
-        .where(Job.state.in_(_STARTED), Lease.expires_at < now)
+        .where(Job.state.in_(STARTED_STATES), Lease.expires_at < now)
         .with_for_update(of=Lease)
     ).all()
     for job_id, token in holders:
@@ -144,8 +143,8 @@ def recover_lost_jobs(session: Session, max_attempts: int) -> dict[str, list[int
         .where(
             Job.fencing_token.is_not(None),
             or_(
-                Job.state == "running",
-                and_(Job.state == "waiting_for_lock", Job.claim_expires_at.is_(None)),
+                Job.state == JobState.RUNNING,
+                and_(Job.state == JobState.WAITING_FOR_LOCK, Job.claim_expires_at.is_(None)),
             ),
             or_(
                 Lease.token != Job.fencing_token,
@@ -166,7 +165,7 @@ def recover_lost_jobs(session: Session, max_attempts: int) -> dict[str, list[int
         if outcome:
             out[outcome].append(job_id)
     waiting = session.scalars(
-        select(Job.id).where(Job.state == "waiting_for_lock", Job.claim_expires_at < now)
+        select(Job.id).where(Job.state == JobState.WAITING_FOR_LOCK, Job.claim_expires_at < now)
     ).all()
     for job_id in waiting:
         outcome = hand_over(
@@ -202,16 +201,16 @@ def hand_over(
     or None when the job had already moved on.
     """
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.state not in _STARTED:
+    if job is None or job.state not in STARTED_STATES:
         return None
-    cond = [Job.id == job_id, Job.state.in_(_STARTED)]
+    cond = [Job.id == job_id, Job.state.in_(STARTED_STATES)]
     if require_claim_expired_before is not None:
         cond.append(Job.claim_expires_at < require_claim_expired_before)
     attempt, worker = job.attempt, job.worker
     if count_attempt and attempt >= max_attempts:
         outcome, event = "failed", "job.failed"
         values = {
-            "state": "failed",
+            "state": JobState.FAILED,
             "finished_at": utcnow(),
             "claim_expires_at": None,
             "error": {
@@ -225,7 +224,7 @@ def hand_over(
     else:
         outcome, event = "recovering", "job.recovering"
         values = {
-            "state": "queued",
+            "state": JobState.QUEUED,
             "attempt": attempt + 1,
             "worker": None,
             "dispatched_at": None,

@@ -27,6 +27,7 @@ from service.databases.models import Database
 from service.db import utcnow
 from service.jobs.models import Job
 from service.jobs.ops import insert_job
+from service.jobs.states import BUSY_STATES, FAILED_STATES, JobState
 from service.projects.models import Project
 from service.rollouts.candidates import take_batch
 from service.rollouts.models import (
@@ -41,9 +42,6 @@ from service.rollouts.models import (
 
 log = logging.getLogger("retort.rollouts")
 
-# A rollout database's job states, as its state: the job's, in short.
-JOB_ACTIVE = ("queued", "waiting_for_lock", "waiting_for_approval", "running")
-JOB_FAILED = ("failed", "cancelled")
 _rd = RolloutDatabase.__table__
 _jobs = Job.__table__
 
@@ -97,14 +95,14 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
         active = s.execute(
             select(_rd.c.wave, _rd.c.server)
             .select_from(_jobs.join(_rd, _CURRENT))
-            .where(_jobs.c.rollout_id == r.id, _jobs.c.state.in_(JOB_ACTIVE))
+            .where(_jobs.c.rollout_id == r.id, _jobs.c.state.in_(BUSY_STATES))
         ).all()
         failed = [
             (job_id, wave)
             for job_id, wave in s.execute(
                 select(_jobs.c.id, _rd.c.wave)
                 .select_from(_jobs.join(_rd, _CURRENT))
-                .where(_jobs.c.rollout_id == r.id, _jobs.c.state.in_(JOB_FAILED))
+                .where(_jobs.c.rollout_id == r.id, _jobs.c.state.in_(FAILED_STATES))
             ).all()
             if job_id not in accepted
         ]
@@ -188,7 +186,7 @@ def _finish(s: Session, r: Rollout, project: str, now: dt.datetime, out: Advance
         .select_from(_rd.outerjoin(_jobs, _jobs.c.id == _rd.c.job_id))
         .where(
             _rd.c.rollout_id == r.id,
-            (_jobs.c.state.is_(None)) | (_jobs.c.state != "succeeded"),
+            (_jobs.c.state.is_(None)) | (_jobs.c.state != JobState.SUCCEEDED),
         )
     )
     r.state = SUCCEEDED if not not_ok else FAILED

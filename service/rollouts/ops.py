@@ -15,14 +15,14 @@ from service.crypto import SecretBox
 from service.databases.models import Database
 from service.db import iso, utcnow
 from service.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError
-from service.jobs.models import WAITING_FOR_APPROVAL as JOB_WAITING_FOR_APPROVAL
 from service.jobs.models import Job
 from service.jobs.ops import check_approver
+from service.jobs.states import FAILED_STATES, JobState
 from service.jobs.targets import check_target
 from service.principal import Principal
 from service.projects.models import Project
 from service.rollouts.candidates import CANDIDATE, candidates, target_heads
-from service.rollouts.coordinator import JOB_FAILED, Advanced, advance, audit, wave_name
+from service.rollouts.coordinator import Advanced, advance, audit, wave_name
 from service.rollouts.models import (
     ABORTED,
     FAILED,
@@ -44,13 +44,13 @@ _MAX_ID = 2**63
 # A database's state in a rollout, from its job's (None: no job yet).
 _BY_JOB_STATE = {
     None: "pending",
-    "queued": "queued",
-    "waiting_for_lock": "waiting",
-    "waiting_for_approval": "waiting",
-    "running": "running",
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "cancelled": "cancelled",
+    JobState.QUEUED: "queued",
+    JobState.WAITING_FOR_LOCK: "waiting",
+    JobState.WAITING_FOR_APPROVAL: "waiting",
+    JobState.RUNNING: "running",
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
 }
 
 
@@ -356,13 +356,15 @@ def rollout_databases(
         query = query.where(_rd.c.position > _decode(cursor))
     no_job = _rd.c.job_id.is_(None)
     if state == "not_at_target":
-        query = query.where(no_job | (_jobs.c.state != "succeeded"))
+        query = query.where(no_job | (_jobs.c.state != JobState.SUCCEEDED))
     elif state == "skipped":
         query = query.where(_rd.c.skipped.is_not(None) | (no_job if final else False))
     elif state == "pending":
         query = query.where(no_job, _rd.c.skipped.is_(None), not final)
     elif state == "waiting":
-        query = query.where(_jobs.c.state.in_(("waiting_for_lock", JOB_WAITING_FOR_APPROVAL)))
+        query = query.where(
+            _jobs.c.state.in_((JobState.WAITING_FOR_LOCK, JobState.WAITING_FOR_APPROVAL))
+        )
     elif state is not None:
         query = query.where(_jobs.c.state == state)
     rows = s.execute(query.limit(limit + 1)).all()
@@ -424,7 +426,7 @@ def resume_rollout(s: Session, rollout_id: int, actor: str, who: Principal | Non
         failed = s.scalars(
             select(_jobs.c.id)
             .select_from(_jobs.join(_rd, _rd.c.job_id == _jobs.c.id))
-            .where(_rd.c.rollout_id == r.id, _jobs.c.state.in_(JOB_FAILED))
+            .where(_rd.c.rollout_id == r.id, _jobs.c.state.in_(FAILED_STATES))
         ).all()
         r.accepted = sorted(set(r.accepted or ()) | set(failed))
         data["accepted_failures"] = len(failed)
@@ -440,8 +442,8 @@ def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
     r = get_rollout(s, rollout_id, who, lock=True)
     _refuse(r, "aborted", (RUNNING, PAUSED, HALTED, WAITING_FOR_APPROVAL))
     project = _project_of(s, r)
-    waiting = (_jobs.c.state.in_(("queued", JOB_WAITING_FOR_APPROVAL))) | (
-        (_jobs.c.state == "waiting_for_lock") & _jobs.c.worker.is_(None)
+    waiting = (_jobs.c.state.in_((JobState.QUEUED, JobState.WAITING_FOR_APPROVAL))) | (
+        (_jobs.c.state == JobState.WAITING_FOR_LOCK) & _jobs.c.worker.is_(None)
     )
     cancel = s.execute(
         select(_jobs.c.id, _dbs.c.name)
@@ -454,7 +456,7 @@ def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
         done = s.execute(
             update(Job)
             .where(Job.id == job_id, waiting)
-            .values(state="cancelled", finished_at=utcnow(), waiting_for=None)
+            .values(state=JobState.CANCELLED, finished_at=utcnow(), waiting_for=None)
         ).rowcount
         if done:
             record_event(
@@ -488,7 +490,7 @@ def retry_failed(s: Session, rollout_id: int, actor: str, who: Principal | None)
     rows = s.execute(
         select(_rd.c.database_id, _rd.c.wave)
         .select_from(_rd.join(_jobs, _jobs.c.id == _rd.c.job_id))
-        .where(_rd.c.rollout_id == r.id, _jobs.c.state.in_(JOB_FAILED))
+        .where(_rd.c.rollout_id == r.id, _jobs.c.state.in_(FAILED_STATES))
     ).all()
     if not rows:
         raise ConflictError(

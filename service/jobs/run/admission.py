@@ -24,6 +24,7 @@ from service.db import autocommit, transaction, utcnow
 from service.jobs.models import Job
 from service.jobs.run.context import JobContext
 from service.jobs.run.transitions import update_job
+from service.jobs.states import JobState
 from service.projects.models import Project
 
 LEASE = "lease"
@@ -32,11 +33,11 @@ PROJECT_SLOT = "project_slot"
 EXPIRY_MARGIN_S = 0.1
 
 _jobs = Job.__table__
-PARKED = and_(_jobs.c.state == "waiting_for_lock", _jobs.c.worker.is_(None))
+PARKED = and_(_jobs.c.state == JobState.WAITING_FOR_LOCK, _jobs.c.worker.is_(None))
 # The project's jobs that hold a worker: running, or claimed (a worker has them).
 _HOLDING = or_(
-    _jobs.c.state == "running",
-    and_(_jobs.c.state == "waiting_for_lock", _jobs.c.worker.is_not(None)),
+    _jobs.c.state == JobState.RUNNING,
+    and_(_jobs.c.state == JobState.WAITING_FOR_LOCK, _jobs.c.worker.is_not(None)),
 )
 
 
@@ -81,7 +82,7 @@ def park(
     update_job(
         s,
         ctx.job_id,
-        ("waiting_for_lock",),
+        (JobState.WAITING_FOR_LOCK,),
         worker=None,
         claim_expires_at=None,
         fencing_token=None,

@@ -14,6 +14,7 @@ from service.jobs.run.bundles import bundle_info
 from service.jobs.run.context import JobContext, WorkerProcess
 from service.jobs.run.supervise import JobRun, Plan
 from service.jobs.run.transitions import QUEUED_JOB
+from service.jobs.states import JobState
 from service.rollouts.drive import drive
 
 log = logging.getLogger("retort.worker")
@@ -33,7 +34,7 @@ def _run_job(process: WorkerProcess, job_id: int) -> str:
         with transaction(process.sessions) as s:
             s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == "queued")
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
                 .values(dispatched_at=None)
             )
         return "not_claimed"
@@ -41,7 +42,8 @@ def _run_job(process: WorkerProcess, job_id: int) -> str:
         job = conn.execute(QUEUED_JOB, {"job_id": job_id}).one_or_none()
         # Queued, or parked: waiting with no worker (see admission).
         queued = job is not None and (
-            job.state == "queued" or (job.state == "waiting_for_lock" and job.worker is None)
+            job.state == JobState.QUEUED
+            or (job.state == JobState.WAITING_FOR_LOCK and job.worker is None)
         )
         bundle = bundle_info(process, conn, job.bundle_pk) if queued else None
     if bundle is None:

@@ -19,11 +19,12 @@ from sqlalchemy.orm import Session
 from service import targets
 from service.databases.models import AppliedRevision, Database
 from service.db import utcnow
-from service.jobs.models import FINAL_STATES, Job, JobStep
+from service.jobs.models import Job, JobStep
 from service.jobs.run import safety
 from service.jobs.run.context import JobContext
 from service.jobs.run.steps import StepRecorder, checked_error, checked_heads
 from service.jobs.run.transitions import finish
+from service.jobs.states import FINAL_STATES, JobState
 from service.jobs.sweeper import hand_over
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
@@ -45,7 +46,7 @@ def succeed(ctx: JobContext, recorder: StepRecorder, origin: list[str], to_heads
         finish(
             s,
             ctx,
-            {"state": "succeeded", "to_heads": to_heads},
+            {"state": JobState.SUCCEEDED, "to_heads": to_heads},
             "job.succeeded",
             {"from_heads": origin, "to_heads": to_heads, "steps": recorder.applied},
             released=True,
@@ -115,7 +116,7 @@ def succeed_with_result(
         finish(
             s,
             ctx,
-            {"state": "succeeded", "to_heads": heads},
+            {"state": JobState.SUCCEEDED, "to_heads": heads},
             "job.succeeded",
             data,
             released=True,
@@ -190,7 +191,7 @@ def fail(
     def mark(s: Session):
         if recorder is not None:
             recorder.write_pending(s)
-        finish(s, ctx, {"state": "failed", "error": error}, "job.failed", {"error": error})
+        finish(s, ctx, {"state": JobState.FAILED, "error": error}, "job.failed", {"error": error})
 
     try:
         ctx.write(mark)
@@ -312,9 +313,9 @@ def fail_lock_timeout(s: Session, ctx: JobContext, holder: int | None) -> None:
     }
     failed = s.execute(
         sa.update(Job)
-        .where(Job.id == ctx.job_id, Job.state == "waiting_for_lock")
-        .values(state="failed", finished_at=utcnow(), claim_expires_at=None, error=error)
+        .where(Job.id == ctx.job_id, Job.state == JobState.WAITING_FOR_LOCK)
+        .values(state=JobState.FAILED, finished_at=utcnow(), claim_expires_at=None, error=error)
     ).rowcount
     if failed:
         ctx.audit(s, "job.failed", {"code": "lock_timeout"})
-        ctx.ended = "failed"
+        ctx.ended = JobState.FAILED

@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 
 from service.audit.ops import record_event
 from service.db import transaction
-from service.jobs.models import FINAL_STATES, Job
+from service.jobs.models import Job
 from service.jobs.run.context import JobContext
 from service.jobs.run.transitions import update_job
+from service.jobs.states import FINAL_STATES
 from service.locks import ops as leases
 
 log = logging.getLogger("retort.worker")

@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.jobs.models import WAITING_FOR_APPROVAL
 from service.jobs.run.context import JobContext
 from service.jobs.run.transitions import update_job
+from service.jobs.states import JobState
 from service.lint import CODES, resolve_policy
 from service.locks import ops as leases
 
@@ -151,8 +151,8 @@ def park(s: Session, ctx: JobContext, verdict: Verdict) -> bool:
     parked = update_job(
         s,
         ctx.job_id,
-        ("running",),
-        state=WAITING_FOR_APPROVAL,
+        (JobState.RUNNING,),
+        state=JobState.WAITING_FOR_APPROVAL,
         findings=verdict.document(),
         worker=None,
         claim_expires_at=None,

@@ -60,6 +60,7 @@ from service.jobs.run.transitions import (
     resolve_target,
     start_job,
 )
+from service.jobs.states import JobState
 from service.locks import ops as leases
 from service.locks.ops import FencedOutError
 
@@ -263,7 +264,7 @@ class JobRun:
             with transaction(ctx.sessions) as s:
                 s.execute(
                     update(Job)
-                    .where(Job.id == ctx.job_id, Job.state == "queued")
+                    .where(Job.id == ctx.job_id, Job.state == JobState.QUEUED)
                     .values(runtime=runtime, dispatched_at=until)
                 )
                 ctx.audit(s, f"environment.{state}", {"environment": spec.key, **detail})

@@ -16,6 +16,7 @@ from service.jobs.models import Job
 from service.jobs.run.context import JobContext
 from service.jobs.run.plan import check_checksums
 from service.jobs.run.steps import applied_checksums
+from service.jobs.states import STARTED_STATES, JobState
 from service.locks import ops as leases
 from service.projects.models import Project
 
@@ -49,12 +50,12 @@ def claim_stmt(dialect: str) -> sa.Update:
             _jobs.c.id == bindparam("job_id"),
             # Queued, or parked (waiting with no worker: see admission).
             sa.or_(
-                _jobs.c.state == "queued",
-                sa.and_(_jobs.c.state == "waiting_for_lock", _jobs.c.worker.is_(None)),
+                _jobs.c.state == JobState.QUEUED,
+                sa.and_(_jobs.c.state == JobState.WAITING_FOR_LOCK, _jobs.c.worker.is_(None)),
             ),
         )
         .values(
-            state="waiting_for_lock",
+            state=JobState.WAITING_FOR_LOCK,
             worker=bindparam("v_worker"),
             claim_expires_at=epoch_now(dialect) + bindparam("ttl", type_=sa.Float),
         )
@@ -100,7 +101,7 @@ JOB_STATE = select(_jobs.c.state).where(_jobs.c.id == bindparam("job_id"))
 @functools.cache
 def _start_stmt(set_started: bool, set_from: bool) -> sa.Update:
     values: dict[str, Any] = {
-        "state": "running",
+        "state": JobState.RUNNING,
         "lock_waited_ms": _jobs.c.lock_waited_ms + bindparam("waited", type_=sa.Integer),
         "sandbox": bindparam("v_sandbox", type_=_jobs.c.sandbox.type),
         "runtime": bindparam("v_runtime", type_=_jobs.c.runtime.type),
@@ -111,7 +112,7 @@ def _start_stmt(set_started: bool, set_from: bool) -> sa.Update:
         values["from_heads"] = bindparam("v_from_heads", type_=_jobs.c.from_heads.type)
     return (
         _jobs.update()
-        .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == "waiting_for_lock")
+        .where(_jobs.c.id == bindparam("job_id"), _jobs.c.state == JobState.WAITING_FOR_LOCK)
         .values(values)
         # The state database (PostgreSQL, SQLite) answers with the row it changed.
         .returning(_jobs.c.created_at, _jobs.c.started_at, _jobs.c.lock_waited_ms)
@@ -177,7 +178,7 @@ def start_job(
         finish(
             s,
             ctx,
-            {"state": "succeeded", "to_heads": heads},
+            {"state": JobState.SUCCEEDED, "to_heads": heads},
             "job.succeeded",
             {"from_heads": heads, "to_heads": heads, "steps": 0},
         )
@@ -197,7 +198,7 @@ def finish(
 
     `released`: the transaction began with leases.release_fenced.
     """
-    states = ("waiting_for_lock", "running")
+    states = STARTED_STATES
     if update_job(s, ctx.job_id, states, finished_at=utcnow(), **values):
         ctx.audit(s, event, data)
         ctx.ended = values["state"]
@@ -214,9 +215,15 @@ def refuse_unclaimed(s: Session, ctx: JobContext, worker: str, code: str, messag
     """Fail a queued job this worker cannot run (its sandbox is required and missing)."""
     error = {"code": code, "message": message, "revision": None, "statement": None}
     done = update_job(
-        s, ctx.job_id, ("queued",), state="failed", worker=worker, finished_at=utcnow(), error=error
+        s,
+        ctx.job_id,
+        (JobState.QUEUED,),
+        state=JobState.FAILED,
+        worker=worker,
+        finished_at=utcnow(),
+        error=error,
     )
     if done:
         ctx.audit(s, "job.failed", {"code": code})
-        ctx.ended = "failed"
+        ctx.ended = JobState.FAILED
     return bool(done)
