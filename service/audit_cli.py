@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from service.audit.actions import AuditAction
 from service.audit.chain import ChainCheck, load_public_keys
 from service.client import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from service.client_cli import Cli, api_command
@@ -130,6 +131,6 @@ def verify_file(file: Path, public_key: Path, extra: tuple[Path, ...]) -> dict[s
                     checkpoints.append(record)
                 elif path == file and record.get("type") == "event" and not broken:
                     broken = not check.feed(record)
-                    if record.get("action") == "audit.checkpoint":
+                    if record.get("action") == AuditAction.AUDIT_CHECKPOINT:
                         checkpoints.append({"type": "checkpoint", **(record.get("data") or {})})
     return check.result(checkpoints, keys)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from service.audit.actions import AuditAction
+
 
 class SecretBox:
     def __init__(self, keys: tuple[str, ...]):
@@ -56,5 +58,5 @@ def rotate_secrets(session, box: SecretBox, actor: str) -> dict[str, int]:
         if project.secret_env:
             project.secret_env = {k: box.rotate(v) for k, v in project.secret_env.items()}
             counts["project_secrets"] += len(project.secret_env)
-    record_event(session, "secrets.rotated", actor=actor, data=counts)
+    record_event(session, AuditAction.SECRETS_ROTATED, actor=actor, data=counts)
     return counts

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
@@ -101,7 +102,7 @@ def audit_refusal(status: int, code: str, message: str) -> None:
 def record_refusal(sessions: sessionmaker[Session], who: str, data: dict[str, Any]) -> None:
     try:
         with transaction(sessions) as s:
-            record_event(s, "request.refused", actor=who, data=data)
+            record_event(s, AuditAction.REQUEST_REFUSED, actor=who, data=data)
     except Exception:  # noqa: BLE001 - the refusal is answered even if it cannot be recorded
         log.exception("could not record a refused %s %s", data.get("method"), data.get("path"))
 

@@ -19,7 +19,7 @@ import time
 
 from service import logs, metrics
 from service.audit import checkpoints
-from service.audit.chain import CHECKPOINT
+from service.audit.actions import AuditAction
 from service.config import Config
 from service.db import PING_IDLE_AFTER_S, make_engine, transaction, utcnow
 from service.idempotency.ops import purge_expired
@@ -60,9 +60,9 @@ class Sweeper:
             checkpoints.write_outside(self.config.data_dir, cp)
             url = self.config.audit_checkpoint_webhook_url
             if url:
-                payload = {"event": CHECKPOINT, "checkpoint": cp}
+                payload = {"event": AuditAction.AUDIT_CHECKPOINT, "checkpoint": cp}
                 secret = self.config.audit_checkpoint_webhook_secret
-                error = post_signed(self.config, url, secret, CHECKPOINT, payload)
+                error = post_signed(self.config, url, secret, AuditAction.AUDIT_CHECKPOINT, payload)
                 if error:
                     log.error("audit checkpoint %s not sent to %s: %s", cp["seq"], url, error)
         return cp

@@ -31,9 +31,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from service.audit.actions import AuditAction
+
 GENESIS = "0" * 64
-REKEYED = "audit.rekeyed"
-CHECKPOINT = "audit.checkpoint"
 HASHED = (
     "seq",
     "ts",
@@ -188,7 +188,7 @@ class ChainCheck:
         if event.get("hash") != event_hash(hashed_fields(event.get)):
             return self._bad(seq, "its content does not match its hash (edited)")
         mac = event.get("mac")
-        if event.get("action") == REKEYED:
+        if event.get("action") == AuditAction.AUDIT_REKEYED:
             named = (event.get("data") or {}).get("key_id")
             if not mac or mac.split(":", 1)[0] != named:
                 return self._bad(seq, "an audit.rekeyed event not keyed with the key it names")

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.audit.chain import CHECKPOINT, iso_ts, load_public_keys, sign_checkpoint
+from service.audit.actions import AuditAction
+from service.audit.chain import iso_ts, load_public_keys, sign_checkpoint
 from service.audit.models import AuditCheckpoint, AuditHead
 from service.audit.ops import record_event
 from service.db import utcnow
@@ -108,7 +109,7 @@ def make_checkpoint(session: Session, key: Ed25519PrivateKey) -> dict[str, Any] 
             signature=cp["signature"],
         )
     )
-    record_event(session, CHECKPOINT, actor="sweeper", data=cp)
+    record_event(session, AuditAction.AUDIT_CHECKPOINT, actor="sweeper", data=cp)
     return {"type": "checkpoint", **cp}
 
 

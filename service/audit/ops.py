@@ -12,7 +12,8 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from service.audit import hooks
-from service.audit.chain import REKEYED, ChainCheck, Keyring, event_hash, hashed_fields
+from service.audit.actions import AuditAction
+from service.audit.chain import ChainCheck, Keyring, event_hash, hashed_fields
 from service.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from service.db import utcnow
 
@@ -43,7 +44,7 @@ PENDING = "retort.audit_pending"
 
 def record_event(
     session: Session,
-    action: str,
+    action: AuditAction | str,
     *,
     actor: str,
     project: str | None = None,
@@ -62,7 +63,7 @@ def record_event(
     session.info.setdefault(PENDING, []).append(
         {
             "actor": actor,
-            "action": action,
+            "action": str(action),  # the plain string: hashed, stored, delivered
             "project": project,
             "database": database,
             "job_id": job_id,
@@ -120,7 +121,7 @@ def _append_pending(session: Session) -> None:
         n += 1
         rekeyed = {
             "actor": "system",
-            "action": REKEYED,
+            "action": AuditAction.AUDIT_REKEYED.value,
             "project": None,
             "database": None,
             "job_id": None,

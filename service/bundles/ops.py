@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.bundles.archive import ParsedBundle
 from service.bundles.models import Bundle, BundleFile
@@ -58,7 +59,7 @@ def store_bundle(
     )
     record_event(
         session,
-        "bundle.uploaded",
+        AuditAction.BUNDLE_UPLOADED,
         actor=actor,
         project=project.name,
         data={"bundle": bundle.digest, "heads": bundle.heads, "revisions": len(bundle.revisions)},
@@ -82,7 +83,7 @@ def make_latest(
     before = session.get(Bundle, previous) if previous is not None else None
     record_event(
         session,
-        "bundle.promoted",
+        AuditAction.BUNDLE_PROMOTED,
         actor=actor,
         project=project.name,
         data={

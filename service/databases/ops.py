@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import targets
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
 from service.bundles.ops import get_bundle, latest_bundle
@@ -55,7 +56,7 @@ def create_database(
     session.add(Lease(database_id=db.id, token=0))
     record_event(
         session,
-        "database.registered",
+        AuditAction.DATABASE_REGISTERED,
         actor=actor,
         project=project.name,
         database=db.name,
@@ -177,7 +178,12 @@ def update_database(
         data.update(tags=body.tags, previous_tags=db.tags)
         db.tags = body.tags
     record_event(
-        session, "database.updated", actor=actor, project=project.name, database=db.name, data=data
+        session,
+        AuditAction.DATABASE_UPDATED,
+        actor=actor,
+        project=project.name,
+        database=db.name,
+        data=data,
     )
     return db, project
 
@@ -202,7 +208,7 @@ def remove_database(
     session.execute(delete(Lease).where(Lease.database_id == db.id))
     record_event(
         session,
-        "database.removed",
+        AuditAction.DATABASE_REMOVED,
         actor=actor,
         project=project.name,
         database=name,
@@ -252,7 +258,12 @@ def repair_database(
     applied.sha256 = new
     data = {"revision": rev, "old_sha256": old, "new_sha256": new, "bundle": bundle.digest}
     record_event(
-        session, "database.repaired", actor=actor, project=project.name, database=db.name, data=data
+        session,
+        AuditAction.DATABASE_REPAIRED,
+        actor=actor,
+        project=project.name,
+        database=db.name,
+        data=data,
     )
     return {"database": db.name, **data}
 
@@ -498,9 +509,9 @@ def unlock_database(session: Session, name: str, actor: str, who: Principal | No
             data=data,
         )
 
-    audit("lease.unlocked", {**holder, "expired_s_ago": expired_s})
+    audit(AuditAction.LEASE_UNLOCKED, {**holder, "expired_s_ago": expired_s})
     if failed:
-        audit("job.failed", {"code": "unlocked"})
+        audit(AuditAction.JOB_FAILED, {"code": "unlocked"})
     return {
         "database": name,
         "released": {**holder, "expired_s_ago": expired_s},

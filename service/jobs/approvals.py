@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import iso, utcnow
@@ -88,7 +89,7 @@ def decide(
         )
     record_event(
         session,
-        f"job.{decision}",
+        AuditAction.JOB_APPROVED if decision == "approved" else AuditAction.JOB_REJECTED,
         actor=who.name,
         project=project.name,
         database=db.name,
@@ -104,7 +105,7 @@ def decide(
     if decision == "rejected":
         record_event(
             session,
-            "job.cancelled",
+            AuditAction.JOB_CANCELLED,
             actor=who.name,
             project=project.name,
             database=db.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
@@ -54,7 +55,7 @@ def cancel_job(session: Session, job_id: int, actor: str, who: Principal | None 
     session.refresh(job)
     record_event(
         session,
-        "job.cancelled",
+        AuditAction.JOB_CANCELLED,
         actor=actor,
         project=project.name,
         database=db.name,
@@ -115,10 +116,10 @@ def _end_abandoned(session: Session, job: Job, db: Database, project: Project, a
             project=project.name,
             database=db.name,
             job_id=job.id,
-            fencing_token=job.fencing_token if event == "lease.unlocked" else None,
+            fencing_token=job.fencing_token if event == AuditAction.LEASE_UNLOCKED else None,
             data=data,
         )
 
     if holds:
-        audit("lease.unlocked", {"job": job.id, "fencing_token": job.fencing_token})
-    audit("job.failed", {"code": "abandoned"})
+        audit(AuditAction.LEASE_UNLOCKED, {"job": job.id, "fencing_token": job.fencing_token})
+    audit(AuditAction.JOB_FAILED, {"code": "abandoned"})

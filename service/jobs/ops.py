@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Row, Select, and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
 from service.bundles.ops import get_bundle
@@ -113,7 +114,7 @@ def create_job(
         if pending is not None:
             record_event(
                 session,
-                "job.coalesced",
+                AuditAction.JOB_COALESCED,
                 actor=actor,
                 project=project.name,
                 database=db.name,
@@ -181,7 +182,7 @@ def insert_job(
     session.flush()
     record_event(
         session,
-        "job.requested",
+        AuditAction.JOB_REQUESTED,
         actor=actor,
         project=project.name,
         database=db.name,

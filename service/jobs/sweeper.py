@@ -23,6 +23,7 @@ import logging
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
@@ -208,7 +209,7 @@ def hand_over(
         cond.append(Job.claim_expires_at < require_claim_expired_before)
     attempt, worker = job.attempt, job.worker
     if count_attempt and attempt >= max_attempts:
-        outcome, event = "failed", "job.failed"
+        outcome, event = "failed", AuditAction.JOB_FAILED
         values = {
             "state": JobState.FAILED,
             "finished_at": utcnow(),
@@ -222,7 +223,7 @@ def hand_over(
             },
         }
     else:
-        outcome, event = "recovering", "job.recovering"
+        outcome, event = "recovering", AuditAction.JOB_RECOVERING
         values = {
             "state": JobState.QUEUED,
             "attempt": attempt + 1,
@@ -249,7 +250,7 @@ def hand_over(
         )
 
     if token is not None and leases.release(session, job.database_id, token):
-        audit("lease.released", {"reason": reason})
+        audit(AuditAction.LEASE_RELEASED, {"reason": reason})
     data = {"code": reason, "attempt": attempt, "worker": worker, "message": message}
     if outcome == "recovering":
         data["next_attempt"] = attempt + 1

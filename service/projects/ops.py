@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.crypto import SecretBox
 from service.db import iso
@@ -36,7 +37,7 @@ def create_project(
     session.flush()
     record_event(
         session,
-        "project.created",
+        AuditAction.PROJECT_CREATED,
         actor=actor,
         project=project.name,
         data={"settings": project.settings, "secret_env_names": sorted(project.secret_env)},
@@ -110,7 +111,7 @@ def update_project(
     session.flush()
     record_event(
         session,
-        "project.updated",
+        AuditAction.PROJECT_UPDATED,
         actor=actor,
         project=project.name,
         data={

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
 from service.databases.models import Database
@@ -126,20 +127,26 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
             code, message = reason
             r.state = HALTED
             r.halted = {"reason": code, "message": message, "wave": w}
-            audit(s, r, project.name, "rollout.halted", {"wave": w, **r.halted})
-            out.events.append("rollout.halted")
+            audit(s, r, project.name, AuditAction.ROLLOUT_HALTED, {"wave": w, **r.halted})
+            out.events.append(AuditAction.ROLLOUT_HALTED)
             return out
         if not wave_done:
             break
         if w + 1 >= len(sizes):
             _finish(s, r, project.name, now, out)
             return out
-        audit(s, r, project.name, "rollout.wave_finished", {"wave": w, "name": wave_name(r, w)})
-        out.events.append("rollout.wave_finished")
+        audit(
+            s,
+            r,
+            project.name,
+            AuditAction.ROLLOUT_WAVE_FINISHED,
+            {"wave": w, "name": wave_name(r, w)},
+        )
+        out.events.append(AuditAction.ROLLOUT_WAVE_FINISHED)
         r.wave = w + 1
         if opts.get("approve_between_waves"):
             r.state = WAITING_FOR_APPROVAL
-            audit(s, r, project.name, "rollout.waiting_for_approval", {"wave": r.wave})
+            audit(s, r, project.name, AuditAction.ROLLOUT_WAITING_FOR_APPROVAL, {"wave": r.wave})
             return out
         pause = opts.get("pause_between_waves_s") or 0
         if pause:
@@ -191,7 +198,7 @@ def _finish(s: Session, r: Rollout, project: str, now: dt.datetime, out: Advance
     )
     r.state = SUCCEEDED if not not_ok else FAILED
     r.finished_at = now
-    event = f"rollout.{r.state}"
+    event = AuditAction(f"rollout.{r.state}")
     audit(s, r, project, event, {"not_succeeded": not_ok})
     out.events.append(event)
 

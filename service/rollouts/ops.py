@@ -9,6 +9,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service import targets
+from service.audit.actions import AuditAction
 from service.bundles.models import Bundle
 from service.bundles.ops import get_bundle
 from service.crypto import SecretBox
@@ -206,7 +207,7 @@ def create_rollout(
         s,
         rollout,
         project.name,
-        "rollout.started",
+        AuditAction.ROLLOUT_STARTED,
         {
             "databases": len(ordered),
             "waves": sizes,
@@ -404,7 +405,7 @@ def pause_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
     r = get_rollout(s, rollout_id, who, lock=True)
     _refuse(r, "paused", (RUNNING,))
     r.state = PAUSED
-    audit(s, r, _project_of(s, r).name, "rollout.paused", {"by": actor})
+    audit(s, r, _project_of(s, r).name, AuditAction.ROLLOUT_PAUSED, {"by": actor})
     return Advanced()
 
 
@@ -432,7 +433,7 @@ def resume_rollout(s: Session, rollout_id: int, actor: str, who: Principal | Non
         data["accepted_failures"] = len(failed)
         r.halted = None
     r.state = RUNNING
-    audit(s, r, project.name, "rollout.resumed", data)
+    audit(s, r, project.name, AuditAction.ROLLOUT_RESUMED, data)
     s.flush()
     return advance(s, r.id)
 
@@ -461,7 +462,7 @@ def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
         if done:
             record_event(
                 s,
-                "job.cancelled",
+                AuditAction.JOB_CANCELLED,
                 actor=actor,
                 project=project.name,
                 database=database,
@@ -479,8 +480,14 @@ def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
     )
     r.state = ABORTED
     r.finished_at = utcnow()
-    audit(s, r, project.name, "rollout.aborted", {"by": actor, "cancelled_jobs": len(cancel)})
-    return Advanced(events=["rollout.aborted"])
+    audit(
+        s,
+        r,
+        project.name,
+        AuditAction.ROLLOUT_ABORTED,
+        {"by": actor, "cancelled_jobs": len(cancel)},
+    )
+    return Advanced(events=[AuditAction.ROLLOUT_ABORTED])
 
 
 def retry_failed(s: Session, rollout_id: int, actor: str, who: Principal | None) -> Advanced:
@@ -509,7 +516,13 @@ def retry_failed(s: Session, rollout_id: int, actor: str, who: Principal | None)
     r.wave = min(r.wave, min(w for _, w in rows))
     was = r.state
     r.state, r.halted, r.finished_at = RUNNING if was != PAUSED else PAUSED, None, None
-    audit(s, r, _project_of(s, r).name, "rollout.retried", {"by": actor, "databases": len(rows)})
+    audit(
+        s,
+        r,
+        _project_of(s, r).name,
+        AuditAction.ROLLOUT_RETRIED,
+        {"by": actor, "databases": len(rows)},
+    )
     s.flush()
     return advance(s, r.id)
 

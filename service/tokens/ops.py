@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.db import iso, utcnow
 from service.errors import ConflictError, InvalidError, NotFoundError
@@ -73,7 +74,7 @@ def create_token(session: Session, body: TokenCreate, actor: str) -> tuple[ApiTo
     session.flush()
     record_event(
         session,
-        "token.created",
+        AuditAction.TOKEN_CREATED,
         actor=actor,
         data={"token": token.name, "id": token.id, "role": token.role, "projects": projects},
     )
@@ -110,7 +111,10 @@ def revoke_token(session: Session, token_id: int, actor: str) -> ApiToken:
     if token.revoked_at is None:
         token.revoked_at = utcnow()
         record_event(
-            session, "token.revoked", actor=actor, data={"token": token.name, "id": token.id}
+            session,
+            AuditAction.TOKEN_REVOKED,
+            actor=actor,
+            data={"token": token.name, "id": token.id},
         )
     return token
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.audit import ops as audit
+from service.audit.actions import AuditAction
 from service.config import Config
 from service.crypto import SecretBox
 from service.db import iso
@@ -92,7 +93,7 @@ def create_webhook(
     session.flush()
     audit.record_event(
         session,
-        "webhook.created",
+        AuditAction.WEBHOOK_CREATED,
         actor=actor,
         project=project.name,
         # Only the host: receivers' URLs often carry a secret in their path.
@@ -125,7 +126,11 @@ def delete_webhook(session: Session, project: Project, webhook_id: int, actor: s
     """Stop sending to a webhook; its deliveries stay on record."""
     get_webhook(session, project, webhook_id).active = False
     audit.record_event(
-        session, "webhook.deleted", actor=actor, project=project.name, data={"webhook": webhook_id}
+        session,
+        AuditAction.WEBHOOK_DELETED,
+        actor=actor,
+        project=project.name,
+        data={"webhook": webhook_id},
     )
 
 

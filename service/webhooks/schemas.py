@@ -4,26 +4,29 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.audit.actions import AuditAction
 from service.projects.schemas import Out
 
 # Events a project can subscribe to (the audit actions of the same name).
-EVENTS = (
-    "job.started",
-    "job.succeeded",
-    "job.failed",
-    "job.cancelled",
-    "job.waiting_for_approval",
-    "job.approved",
-    "job.rejected",
-    "database.drift_detected",
+WEBHOOK_ACTIONS = (
+    AuditAction.JOB_STARTED,
+    AuditAction.JOB_SUCCEEDED,
+    AuditAction.JOB_FAILED,
+    AuditAction.JOB_CANCELLED,
+    AuditAction.JOB_WAITING_FOR_APPROVAL,
+    AuditAction.JOB_APPROVED,
+    AuditAction.JOB_REJECTED,
+    AuditAction.DATABASE_DRIFT_DETECTED,
     # A rollout's (docs/rollouts.md): the payload carries the rollout, not a job.
-    "rollout.started",
-    "rollout.wave_finished",
-    "rollout.halted",
-    "rollout.succeeded",
-    "rollout.failed",
-    "rollout.aborted",
+    AuditAction.ROLLOUT_STARTED,
+    AuditAction.ROLLOUT_WAVE_FINISHED,
+    AuditAction.ROLLOUT_HALTED,
+    AuditAction.ROLLOUT_SUCCEEDED,
+    AuditAction.ROLLOUT_FAILED,
+    AuditAction.ROLLOUT_ABORTED,
 )
+# The same, as the plain strings the API's schema lists.
+EVENTS = tuple(action.value for action in WEBHOOK_ACTIONS)
 Event = Literal[EVENTS]  # type: ignore[valid-type] - the same names, written once
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.db import autocommit, transaction, utcnow
 from service.jobs.models import Job
 from service.jobs.run.context import JobContext
@@ -92,7 +93,7 @@ def park(
         waiting_since=since,
     )
     if (waiting_for, holder) != before:
-        ctx.audit(s, "job.parked", {"waiting_for": waiting_for, "holder": holder})
+        ctx.audit(s, AuditAction.JOB_PARKED, {"waiting_for": waiting_for, "holder": holder})
     timeout_at = since.timestamp() + ctx.config.lock_wait_timeout_s
     if waiting_for == PROJECT_SLOT:
         # Woken by the project's next ending job; this only covers a lost wake-up.

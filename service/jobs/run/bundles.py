@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.bundles.models import Bundle, BundleFile
 from service.jobs.run.checksums import differences
 from service.jobs.run.context import JobContext, WorkerProcess
@@ -149,7 +150,7 @@ def discarded(ctx: JobContext, info: BundleInfo, problem: str) -> None:
     )
     ctx.run(
         lambda s: ctx.audit(
-            s, "bundle.cache_discarded", {"bundle": info.digest, "problem": problem}
+            s, AuditAction.BUNDLE_CACHE_DISCARDED, {"bundle": info.digest, "problem": problem}
         )
     )
 

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import metrics, notify
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.config import Config
 from service.crypto import SecretBox
@@ -217,7 +218,7 @@ class JobContext:
             with transaction(self.sessions) as s:
                 record_event(
                     s,
-                    "write.fenced_out",
+                    AuditAction.WRITE_FENCED_OUT,
                     actor="worker",
                     project=self.project,
                     database=self.database,

@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from service import targets
+from service.audit.actions import AuditAction
 from service.databases.models import AppliedRevision, Database
 from service.db import utcnow
 from service.jobs.models import Job, JobStep
@@ -47,13 +48,13 @@ def succeed(ctx: JobContext, recorder: StepRecorder, origin: list[str], to_heads
             s,
             ctx,
             {"state": JobState.SUCCEEDED, "to_heads": to_heads},
-            "job.succeeded",
+            AuditAction.JOB_SUCCEEDED,
             {"from_heads": origin, "to_heads": to_heads, "steps": recorder.applied},
             released=True,
         )
 
     try:
-        ctx.write(write, fenced_by_fn=True, what="job.succeeded")
+        ctx.write(write, fenced_by_fn=True, what=AuditAction.JOB_SUCCEEDED)
     except FencedOutError as exc:
         log.error("job %s: %s; not recording its success", ctx.job_id, exc)
 
@@ -110,20 +111,20 @@ def succeed_with_result(
             differences = result.get("differences")
             count = len(differences) if isinstance(differences, list) else None
             summary = {"drifted": drifted, "differences": count}
-            ctx.audit(s, "database.drift_checked", summary)
+            ctx.audit(s, AuditAction.DATABASE_DRIFT_CHECKED, summary)
             if drifted:
-                ctx.audit(s, "database.drift_detected", summary)
+                ctx.audit(s, AuditAction.DATABASE_DRIFT_DETECTED, summary)
         finish(
             s,
             ctx,
             {"state": JobState.SUCCEEDED, "to_heads": heads},
-            "job.succeeded",
+            AuditAction.JOB_SUCCEEDED,
             data,
             released=True,
         )
 
     try:
-        ctx.write(write, fenced_by_fn=True, what="job.succeeded")
+        ctx.write(write, fenced_by_fn=True, what=AuditAction.JOB_SUCCEEDED)
     except FencedOutError as exc:
         log.error("job %s: %s; not recording its answer", ctx.job_id, exc)
 
@@ -163,7 +164,7 @@ def record_failure(
         try:
             ctx.write(
                 record,
-                event="step.failed",
+                event=AuditAction.STEP_FAILED,
                 data={
                     "revision": error.get("revision"),
                     "error": error.get("database_message") or error["message"],
@@ -191,7 +192,13 @@ def fail(
     def mark(s: Session):
         if recorder is not None:
             recorder.write_pending(s)
-        finish(s, ctx, {"state": JobState.FAILED, "error": error}, "job.failed", {"error": error})
+        finish(
+            s,
+            ctx,
+            {"state": JobState.FAILED, "error": error},
+            AuditAction.JOB_FAILED,
+            {"error": error},
+        )
 
     try:
         ctx.write(mark)
@@ -296,7 +303,7 @@ def record_lost_steps(ctx: JobContext, shas: dict[str, str], lost: list[Any]) ->
                     applied_at=at,
                 )
             )
-            ctx.audit(s, "step.recovered", {"revisions": [rev], "direction": "up"})
+            ctx.audit(s, AuditAction.STEP_RECOVERED, {"revisions": [rev], "direction": "up"})
 
     ctx.write(record)
 
@@ -317,5 +324,5 @@ def fail_lock_timeout(s: Session, ctx: JobContext, holder: int | None) -> None:
         .values(state=JobState.FAILED, finished_at=utcnow(), claim_expires_at=None, error=error)
     ).rowcount
     if failed:
-        ctx.audit(s, "job.failed", {"code": "lock_timeout"})
+        ctx.audit(s, AuditAction.JOB_FAILED, {"code": "lock_timeout"})
         ctx.ended = JobState.FAILED

@@ -15,6 +15,7 @@ import time
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.db import transaction
 from service.jobs.models import Job
@@ -40,7 +41,7 @@ def try_lease(s: Session, ctx: JobContext, worker: str, waited_ms: int | None, a
         return holder
     record_event(
         s,
-        "job.claimed",
+        AuditAction.JOB_CLAIMED,
         actor="worker",
         project=ctx.project,
         database=ctx.database,
@@ -60,7 +61,7 @@ def try_lease(s: Session, ctx: JobContext, worker: str, waited_ms: int | None, a
     )
     ctx.token = token
     ctx.clock.renewed(sent)
-    ctx.audit(s, "lease.granted", {"waited_ms": waited, "ttl_s": ttl})
+    ctx.audit(s, AuditAction.LEASE_GRANTED, {"waited_ms": waited, "ttl_s": ttl})
     return True
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.jobs.run.context import JobContext
 from service.jobs.run.transitions import update_job
 from service.jobs.states import JobState
@@ -164,14 +165,14 @@ def park(s: Session, ctx: JobContext, verdict: Verdict) -> bool:
         return False
     ctx.audit(
         s,
-        "job.waiting_for_approval",
+        AuditAction.JOB_WAITING_FOR_APPROVAL,
         {
             "codes": sorted({f["code"] for f in verdict.blocking}),
             "findings": [_brief(f) for f in verdict.blocking],
         },
     )
     if leases.release(s, ctx.database_id, ctx.token):
-        ctx.audit(s, "lease.released")
+        ctx.audit(s, AuditAction.LEASE_RELEASED)
     return True
 
 
@@ -181,7 +182,7 @@ def record(s: Session, ctx: JobContext, verdict: Verdict, requested_by: str) -> 
     if verdict.allowed:
         ctx.audit(
             s,
-            "job.findings_allowed",
+            AuditAction.JOB_FINDINGS_ALLOWED,
             {
                 "codes": sorted({f["code"] for f in verdict.allowed}),
                 "findings": [_brief(f) for f in verdict.allowed],

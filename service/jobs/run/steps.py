@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from service import metrics, targets
+from service.audit.actions import AuditAction
 from service.databases.models import AppliedRevision
 from service.db import utcnow
 from service.jobs.models import JobStep
@@ -161,7 +162,7 @@ class StepRecorder:
             # asks), write the records together a little later (or with the
             # job's end), fenced again then.
             if check:
-                self.ctx.check_fence("step.applied")
+                self.ctx.check_fence(AuditAction.STEP_APPLIED)
             self.pending.append(record)
         self.applied += 1
         metrics.revision_applied(self.ctx.project, step["direction"], step["duration_ms"])
@@ -197,7 +198,7 @@ class StepRecorder:
                 else:
                     applied.pop(rev, None)
                     unapplied.add(rev)
-            self.ctx.audit(s, "step.applied", record["_event"])
+            self.ctx.audit(s, AuditAction.STEP_APPLIED, record["_event"])
         conn = s.connection()
         conn.execute(_INSERT_STEPS, steps)
         if applied or unapplied:
@@ -208,7 +209,7 @@ class StepRecorder:
 
     def flush(self) -> None:
         if self.pending:
-            self.ctx.write(self.write_pending, what="step.applied")
+            self.ctx.write(self.write_pending, what=AuditAction.STEP_APPLIED)
             self.pending.clear()
         self.flushed_at = time.monotonic()
 

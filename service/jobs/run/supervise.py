@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from service import targets
+from service.audit.actions import AuditAction
 from service.db import transaction, utcnow
 from service.jobs.models import Job
 from service.jobs.run import admission, endings, safety
@@ -67,7 +68,11 @@ from service.locks.ops import FencedOutError
 log = logging.getLogger("retort.worker")
 
 # Audit events a runner may report about its own job.
-_RUNNER_EVENTS = ("target.connect_retry", "target.connection_lost", "target.reconnected")
+_RUNNER_EVENTS = (
+    AuditAction.TARGET_CONNECT_RETRY,
+    AuditAction.TARGET_CONNECTION_LOST,
+    AuditAction.TARGET_RECONNECTED,
+)
 
 
 # The early way (see _open_early) gives up after this long: a revision that
@@ -267,7 +272,9 @@ class JobRun:
                     .where(Job.id == ctx.job_id, Job.state == JobState.QUEUED)
                     .values(runtime=runtime, dispatched_at=until)
                 )
-                ctx.audit(s, f"environment.{state}", {"environment": spec.key, **detail})
+                ctx.audit(
+                    s, AuditAction(f"environment.{state}"), {"environment": spec.key, **detail}
+                )
             ctx.published()
 
         self.env_python = str(ctx.process.environments.ensure(spec, on_build))

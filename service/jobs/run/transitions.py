@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.databases.models import Database
 from service.db import epoch_now, utcnow
 from service.jobs.models import Job
@@ -168,7 +169,7 @@ def start_job(
         data["runtime"] = runtime
     if resumed:
         data["attempt"] = attempt
-    ctx.audit(s, "job.resumed" if resumed else "job.started", data)
+    ctx.audit(s, AuditAction.JOB_RESUMED if resumed else AuditAction.JOB_STARTED, data)
     applied = applied_checksums(s, ctx.database_id)
     if noop:
         try:
@@ -179,7 +180,7 @@ def start_job(
             s,
             ctx,
             {"state": JobState.SUCCEEDED, "to_heads": heads},
-            "job.succeeded",
+            AuditAction.JOB_SUCCEEDED,
             {"from_heads": heads, "to_heads": heads, "steps": 0},
         )
         return Started(applied, ended=True)
@@ -203,7 +204,7 @@ def finish(
         ctx.audit(s, event, data)
         ctx.ended = values["state"]
     if released or leases.release(s, ctx.database_id, ctx.token):
-        ctx.audit(s, "lease.released")
+        ctx.audit(s, AuditAction.LEASE_RELEASED)
 
 
 def resolve_target(s: Session, ctx: JobContext, target: str) -> None:
@@ -224,6 +225,6 @@ def refuse_unclaimed(s: Session, ctx: JobContext, worker: str, code: str, messag
         error=error,
     )
     if done:
-        ctx.audit(s, "job.failed", {"code": code})
+        ctx.audit(s, AuditAction.JOB_FAILED, {"code": code})
         ctx.ended = JobState.FAILED
     return bool(done)
