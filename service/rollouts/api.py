@@ -13,7 +13,6 @@ from service.limits import hold_stream
 from service.openapi import operation
 from service.rollouts import ops
 from service.rollouts.drive import settle
-from service.rollouts.models import FINAL
 from service.rollouts.schemas import (
     RolloutCreate,
     RolloutDatabasePage,
@@ -22,6 +21,7 @@ from service.rollouts.schemas import (
     RolloutOut,
     RolloutPage,
 )
+from service.rollouts.states import FINAL_STATES
 from service.web import actor, idempotent, parse_json, parse_query, principal, require, services
 
 bp = Blueprint("rollouts", __name__)
@@ -164,7 +164,7 @@ def rollout_events(rollout_id: int):
                 if text != sent:
                     sent, quiet_since = text, time.monotonic()
                     yield f"event: state\ndata: {text}\n\n"
-                if doc["state"] in FINAL:
+                if doc["state"] in FINAL_STATES:
                     yield f"event: end\ndata: {text}\n\n"
                     return
                 if time.monotonic() > deadline:

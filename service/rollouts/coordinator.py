@@ -31,15 +31,8 @@ from service.jobs.ops import insert_job
 from service.jobs.states import BUSY_STATES, FAILED_STATES, JobState
 from service.projects.models import Project
 from service.rollouts.candidates import take_batch
-from service.rollouts.models import (
-    FAILED,
-    HALTED,
-    RUNNING,
-    SUCCEEDED,
-    WAITING_FOR_APPROVAL,
-    Rollout,
-    RolloutDatabase,
-)
+from service.rollouts.models import Rollout, RolloutDatabase
+from service.rollouts.states import RolloutState
 
 log = logging.getLogger("retort.rollouts")
 
@@ -85,7 +78,7 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
     """Judge the rollout and start what may start, in the caller's transaction."""
     out = Advanced()
     r = s.scalar(select(Rollout).where(Rollout.id == rollout_id).with_for_update())
-    if r is None or r.state != RUNNING:
+    if r is None or r.state != RolloutState.RUNNING:
         return out
     now = now or utcnow()
     project = s.get(Project, r.project_id)
@@ -125,7 +118,7 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
         reason = _halt_reason(r, w, fails_w, len(failed), finished_w, wave_done)
         if reason is not None:
             code, message = reason
-            r.state = HALTED
+            r.state = RolloutState.HALTED
             r.halted = {"reason": code, "message": message, "wave": w}
             audit(s, r, project.name, AuditAction.ROLLOUT_HALTED, {"wave": w, **r.halted})
             out.events.append(AuditAction.ROLLOUT_HALTED)
@@ -145,7 +138,7 @@ def advance(s: Session, rollout_id: int, now: dt.datetime | None = None) -> Adva
         out.events.append(AuditAction.ROLLOUT_WAVE_FINISHED)
         r.wave = w + 1
         if opts.get("approve_between_waves"):
-            r.state = WAITING_FOR_APPROVAL
+            r.state = RolloutState.WAITING_FOR_APPROVAL
             audit(s, r, project.name, AuditAction.ROLLOUT_WAITING_FOR_APPROVAL, {"wave": r.wave})
             return out
         pause = opts.get("pause_between_waves_s") or 0
@@ -196,7 +189,7 @@ def _finish(s: Session, r: Rollout, project: str, now: dt.datetime, out: Advance
             (_jobs.c.state.is_(None)) | (_jobs.c.state != JobState.SUCCEEDED),
         )
     )
-    r.state = SUCCEEDED if not not_ok else FAILED
+    r.state = RolloutState.SUCCEEDED if not not_ok else RolloutState.FAILED
     r.finished_at = now
     event = AuditAction(f"rollout.{r.state}")
     audit(s, r, project, event, {"not_succeeded": not_ok})

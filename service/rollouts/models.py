@@ -6,17 +6,7 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base, utcnow
-
-# What a rollout does next: `running` starts jobs; the others start none.
-RUNNING = "running"
-PAUSED = "paused"
-WAITING_FOR_APPROVAL = "waiting_for_approval"
-HALTED = "halted"
-ABORTED = "aborted"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-STATES = (RUNNING, PAUSED, WAITING_FOR_APPROVAL, HALTED, ABORTED, SUCCEEDED, FAILED)
-FINAL = (ABORTED, SUCCEEDED, FAILED)
+from service.rollouts.states import RolloutState
 
 
 class Rollout(Base):
@@ -33,7 +23,7 @@ class Rollout(Base):
     # The request as given: selector, canary, waves, limits, thresholds.
     selector: Mapped[dict] = mapped_column(default=dict)
     options: Mapped[dict] = mapped_column(default=dict)
-    state: Mapped[str] = mapped_column(String(24), default=RUNNING)
+    state: Mapped[str] = mapped_column(String(24), default=RolloutState.RUNNING)
     wave: Mapped[int] = mapped_column(Integer, default=0)  # the wave being run
     waves: Mapped[int] = mapped_column(Integer, default=1)  # how many there are
     # Why it halted: {"reason", "message", "wave"}; None while it is not halted.

@@ -24,18 +24,9 @@ from service.principal import Principal
 from service.projects.models import Project
 from service.rollouts.candidates import CANDIDATE, candidates, target_heads
 from service.rollouts.coordinator import Advanced, advance, audit, wave_name
-from service.rollouts.models import (
-    ABORTED,
-    FAILED,
-    FINAL,
-    HALTED,
-    PAUSED,
-    RUNNING,
-    WAITING_FOR_APPROVAL,
-    Rollout,
-    RolloutDatabase,
-)
+from service.rollouts.models import Rollout, RolloutDatabase
 from service.rollouts.schemas import DATABASE_STATES, RolloutCreate
+from service.rollouts.states import FINAL_STATES, RolloutState
 
 _rd = RolloutDatabase.__table__
 _jobs = Job.__table__
@@ -165,7 +156,7 @@ def create_rollout(
         target=target,
         selector=body.selector.model_dump(exclude_none=True),
         options=options,
-        state=RUNNING,
+        state=RolloutState.RUNNING,
         wave=0,
         waves=len(sizes),
         accepted=[],
@@ -241,7 +232,7 @@ def read_rollout(s: Session, rollout_id: int, who: Principal | None = None) -> d
     r = get_rollout(s, rollout_id, who)
     project = s.scalar(select(Project.name).where(Project.id == r.project_id))
     digest = s.scalar(select(Bundle.digest).where(Bundle.pk == r.bundle_pk))
-    final = r.state in FINAL
+    final = r.state in FINAL_STATES
     rows = s.execute(
         select(_rd.c.wave, _rd.c.skipped, _jobs.c.state, func.count())
         .select_from(_rd.outerjoin(_jobs, _jobs.c.id == _rd.c.job_id))
@@ -330,7 +321,7 @@ def rollout_databases(
     cursor: str | None,
 ) -> dict[str, Any]:
     r = get_rollout(s, rollout_id, who)
-    final = r.state in FINAL
+    final = r.state in FINAL_STATES
     query = (
         select(
             _rd.c.position,
@@ -403,17 +394,19 @@ def _project_of(s: Session, r: Rollout) -> Project:
 
 def pause_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None) -> Advanced:
     r = get_rollout(s, rollout_id, who, lock=True)
-    _refuse(r, "paused", (RUNNING,))
-    r.state = PAUSED
+    _refuse(r, "paused", (RolloutState.RUNNING,))
+    r.state = RolloutState.PAUSED
     audit(s, r, _project_of(s, r).name, AuditAction.ROLLOUT_PAUSED, {"by": actor})
     return Advanced()
 
 
 def resume_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None) -> Advanced:
     r = get_rollout(s, rollout_id, who, lock=True)
-    _refuse(r, "resumed", (PAUSED, HALTED, WAITING_FOR_APPROVAL))
+    _refuse(
+        r, "resumed", (RolloutState.PAUSED, RolloutState.HALTED, RolloutState.WAITING_FOR_APPROVAL)
+    )
     project = _project_of(s, r)
-    if r.state == WAITING_FOR_APPROVAL:
+    if r.state == RolloutState.WAITING_FOR_APPROVAL:
         if who is not None:
             check_approver(project, who, "approve the next wave of the rollouts of")
     elif who is not None and not who.has_role("deployer"):
@@ -422,7 +415,7 @@ def resume_rollout(s: Session, rollout_id: int, actor: str, who: Principal | Non
             {"role": who.role, "needs": "deployer"},
         )
     data: dict[str, Any] = {"by": actor, "from": r.state}
-    if r.state == HALTED:
+    if r.state == RolloutState.HALTED:
         # Going on past a halt accepts the failures that caused it.
         failed = s.scalars(
             select(_jobs.c.id)
@@ -432,7 +425,7 @@ def resume_rollout(s: Session, rollout_id: int, actor: str, who: Principal | Non
         r.accepted = sorted(set(r.accepted or ()) | set(failed))
         data["accepted_failures"] = len(failed)
         r.halted = None
-    r.state = RUNNING
+    r.state = RolloutState.RUNNING
     audit(s, r, project.name, AuditAction.ROLLOUT_RESUMED, data)
     s.flush()
     return advance(s, r.id)
@@ -441,7 +434,16 @@ def resume_rollout(s: Session, rollout_id: int, actor: str, who: Principal | Non
 def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None) -> Advanced:
     """Final: cancel the jobs not yet running, start none; running ones finish."""
     r = get_rollout(s, rollout_id, who, lock=True)
-    _refuse(r, "aborted", (RUNNING, PAUSED, HALTED, WAITING_FOR_APPROVAL))
+    _refuse(
+        r,
+        "aborted",
+        (
+            RolloutState.RUNNING,
+            RolloutState.PAUSED,
+            RolloutState.HALTED,
+            RolloutState.WAITING_FOR_APPROVAL,
+        ),
+    )
     project = _project_of(s, r)
     waiting = (_jobs.c.state.in_((JobState.QUEUED, JobState.WAITING_FOR_APPROVAL))) | (
         (_jobs.c.state == JobState.WAITING_FOR_LOCK) & _jobs.c.worker.is_(None)
@@ -478,7 +480,7 @@ def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
         )
         .values(skipped="aborted")
     )
-    r.state = ABORTED
+    r.state = RolloutState.ABORTED
     r.finished_at = utcnow()
     audit(
         s,
@@ -493,7 +495,11 @@ def abort_rollout(s: Session, rollout_id: int, actor: str, who: Principal | None
 def retry_failed(s: Session, rollout_id: int, actor: str, who: Principal | None) -> Advanced:
     """Give every failed database a new job, and go on."""
     r = get_rollout(s, rollout_id, who, lock=True)
-    _refuse(r, "retried", (HALTED, FAILED, RUNNING, PAUSED))
+    _refuse(
+        r,
+        "retried",
+        (RolloutState.HALTED, RolloutState.FAILED, RolloutState.RUNNING, RolloutState.PAUSED),
+    )
     rows = s.execute(
         select(_rd.c.database_id, _rd.c.wave)
         .select_from(_rd.join(_jobs, _jobs.c.id == _rd.c.job_id))
@@ -515,7 +521,8 @@ def retry_failed(s: Session, rollout_id: int, actor: str, who: Principal | None)
     )
     r.wave = min(r.wave, min(w for _, w in rows))
     was = r.state
-    r.state, r.halted, r.finished_at = RUNNING if was != PAUSED else PAUSED, None, None
+    r.state = RolloutState.PAUSED if was == RolloutState.PAUSED else RolloutState.RUNNING
+    r.halted, r.finished_at = None, None
     audit(
         s,
         r,
@@ -531,6 +538,9 @@ def running_rollouts(s: Session, limit: int = 100) -> list[int]:
     """The rollouts the sweeper moves on at each round (a lost wake-up costs one round)."""
     return list(
         s.scalars(
-            select(Rollout.id).where(Rollout.state == RUNNING).order_by(Rollout.id).limit(limit)
+            select(Rollout.id)
+            .where(Rollout.state == RolloutState.RUNNING)
+            .order_by(Rollout.id)
+            .limit(limit)
         )
     )

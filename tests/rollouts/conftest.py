@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from service.rollouts.models import FINAL
+from service.rollouts.states import FINAL_STATES
 from tests.helpers import Client, register_db, unique
 
 NO_LINT = {"lint": {"enabled": False}}
@@ -18,10 +18,10 @@ def wait_rollout(c: Client, rollout_id: int, timeout: float = 90, until=None) ->
     deadline = time.monotonic() + timeout
     while True:
         doc = c.get(f"/v1/rollouts/{rollout_id}").body
-        if (until(doc) if until else doc["state"] in FINAL) or time.monotonic() > deadline:
+        if (until(doc) if until else doc["state"] in FINAL_STATES) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert until(doc) if until else doc["state"] in FINAL, doc
+    assert until(doc) if until else doc["state"] in FINAL_STATES, doc
     return doc
 
 
