@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.bundles.models import Bundle
 from service.jobs.models import Job
+from service.jobs.states import JobState
 from service.rollouts.models import RolloutDatabase
 
 CANDIDATE, CHECKING = "candidate", "checking"
@@ -56,7 +57,9 @@ def candidates(
     return {
         database_id
         for database_id, state, to_heads in rows
-        if database_id in wanted and state == "succeeded" and frozenset(to_heads or ()) == heads
+        if database_id in wanted
+        and state == JobState.SUCCEEDED
+        and frozenset(to_heads or ()) == heads
     }
 
 

@@ -36,23 +36,26 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
+from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
 from service.databases.models import Database
 from service.databases.ops import read_live_heads
 from service.db import transaction, utcnow
-from service.jobs.models import ACTIVE_STATES, WAITING_FOR_APPROVAL, Job
+from service.jobs.models import Job
 from service.jobs.run.steps import applied_checksums
+from service.jobs.states import BUSY_STATES, JobState
 from service.projects.models import Project
 from service.rollouts.candidates import CANDIDATE, CHECKING, target_heads
 from service.rollouts.drive import drive
-from service.rollouts.models import RUNNING, Rollout, RolloutDatabase
+from service.rollouts.models import Rollout, RolloutDatabase
+from service.rollouts.states import RolloutState
 
 log = logging.getLogger("retort.rollouts")
 
 READERS = 8  # heads read at once (network targets wait on their servers)
 _rd = RolloutDatabase.__table__
-_ACTIVE = case((Job.state.in_((*ACTIVE_STATES, WAITING_FOR_APPROVAL)), 1), else_=0)
+_ACTIVE = case((Job.state.in_(BUSY_STATES), 1), else_=0)
 
 
 def settle_batch(process: Any, rollout_id: int, database_ids: list[int]) -> dict[str, int]:
@@ -152,7 +155,7 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
     r = s.scalar(select(Rollout).where(Rollout.id == rollout["id"]).with_for_update())
     ids = [item["database_id"] for item in reads]
     back = update(_rd).where(_rd.c.rollout_id == rollout["id"], _rd.c.database_id.in_(ids))
-    if r is None or r.state != RUNNING or rollout["heads"] is None:
+    if r is None or r.state != RolloutState.RUNNING or rollout["heads"] is None:
         # Paused, halted or aborted meanwhile: read again once it runs (if it does).
         s.execute(back.values(settle=CANDIDATE, settle_started_at=None))
         return 0
@@ -231,7 +234,7 @@ def _settled_job(
         kind="migrate",
         action=rollout["action"],
         target=rollout["target"],
-        state="succeeded",
+        state=JobState.SUCCEEDED,
         attempt=1,
         requested_by=rollout["requested_by"],
         created_at=now,
@@ -249,7 +252,7 @@ def _settled_job(
     common = {"project": rollout["project"], "database": item["name"], "job_id": job.id}
     record_event(
         s,
-        "job.requested",
+        AuditAction.JOB_REQUESTED,
         actor=rollout["requested_by"],
         data={
             "kind": "migrate",
@@ -262,7 +265,7 @@ def _settled_job(
     )
     record_event(
         s,
-        "job.succeeded",
+        AuditAction.JOB_SUCCEEDED,
         actor="worker",
         data={"from_heads": heads, "to_heads": heads, "steps": 0, "settled": True},
         **common,
