@@ -188,6 +188,12 @@ def job_ended(ctx: JobContext) -> None:
     m.job_duration.labels(ctx.project).observe(_seconds(row.started_at, utcnow()))
 
 
+def jobs_settled(project: str, count: int) -> None:
+    """Count jobs a rollout settled at their target without a run (born succeeded)."""
+    if _metrics is not None and count:
+        _metrics.job_finished.labels(project, "succeeded").inc(count)
+
+
 def _seconds(start: dt.datetime, end: dt.datetime) -> float:
     """end - start, in seconds, whether the driver gave both aware (PostgreSQL) or naive."""
     if start.tzinfo is None:

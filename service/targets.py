@@ -360,6 +360,20 @@ def make_target_engine(
             dbapi_conn._read_timeout = read_timeout
             _set_keepalive(dbapi_conn._sock, idle, interval, count)
 
+    if dialect == "sqlite" and read_timeout_s is not None:
+        # A short read of a tenant's file (the heads): its statements are bounded too.
+        # SQLite's busy timeout bounds only a wait for a lock; a view or a recursive
+        # query the project put in place of its version table could run for ever.
+        limit_s = read_timeout_s
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_bounded(dbapi_conn, _record):
+            deadline = time.monotonic() + limit_s
+            # Non-zero: SQLite interrupts the statement ("interrupted").
+            dbapi_conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
+            dbapi_conn.execute("PRAGMA query_only = ON")
+            dbapi_conn.execute("PRAGMA trusted_schema = OFF")
+
     if dialect == "sqlite":
         # SQLAlchemy's "pysqlite transactional" recipe: without it pysqlite
         # commits DDL on its own and a failed revision leaves a half-built table.

@@ -22,7 +22,7 @@ from service.rollouts.models import RolloutDatabase
 CANDIDATE, CHECKING = "candidate", "checking"
 BATCH = 100  # databases a task reads and settles at once
 IN_FLIGHT = 2 * BATCH  # at most this many `checking` at once per rollout (two tasks)
-SETTLE_STALE_S = 60.0  # a batch still `checking` after this goes the ordinary way
+SETTLE_STALE_S = 120.0  # a batch still `checking` after this goes the ordinary way
 _rd = RolloutDatabase.__table__
 
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
+from service import metrics
 from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.bundles.models import Bundle
@@ -54,6 +56,9 @@ from service.rollouts.states import RolloutState
 log = logging.getLogger("retort.rollouts")
 
 READERS = 8  # heads read at once (network targets wait on their servers)
+# How long a batch's reads may go on: well within SETTLE_STALE_S (candidates.py), so a
+# batch is never handed out again while its first task still reads.
+READ_WINDOW_S = 30.0
 _rd = RolloutDatabase.__table__
 _ACTIVE = case((Job.state.in_(BUSY_STATES), 1), else_=0)
 
@@ -71,16 +76,27 @@ def settle_batch(process: Any, rollout_id: int, database_ids: list[int]) -> dict
         return {"settled": 0, "ordinary": 0}
     rollout, reads = found
 
+    # Each read is bounded (connect, then the statement); past READ_WINDOW_S the
+    # batch's remaining databases are not read: they take the ordinary way.
+    window_ends = time.monotonic() + READ_WINDOW_S
+
     def read(item: dict[str, Any]) -> tuple[int, list[str] | None]:
-        heads, _why = read_live_heads(
-            item["url_encrypted"], item["settings"], process.box, config.connect_timeout_s
-        )
+        if time.monotonic() > window_ends:
+            return item["database_id"], None
+        try:
+            heads, _why = read_live_heads(
+                item["url_encrypted"], item["settings"], process.box, config.connect_timeout_s
+            )
+        except Exception:  # noqa: BLE001 - a URL that cannot be opened: the ordinary way says why
+            log.warning("rollout %s: could not read database %s", rollout_id, item["name"])
+            heads = None
         return item["database_id"], heads
 
     with ThreadPoolExecutor(max_workers=min(READERS, max(1, len(reads)))) as pool:
         live = dict(pool.map(read, reads))
     with transaction(process.sessions) as s:
         settled = _record(s, process.name, rollout, reads, live)
+    metrics.jobs_settled(rollout["project"], settled)
     sender = process.scheduler.dispatcher
     drive(process.sessions, sender, process.wakeups, rollout_id)
     log.info(
@@ -154,8 +170,19 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
     """Settle what may be settled; give the rest to the ordinary way. Returns how many."""
     r = s.scalar(select(Rollout).where(Rollout.id == rollout["id"]).with_for_update())
     ids = [item["database_id"] for item in reads]
-    back = update(_rd).where(_rd.c.rollout_id == rollout["id"], _rd.c.database_id.in_(ids))
-    if r is None or r.state != RolloutState.RUNNING or rollout["heads"] is None:
+    # This batch's rows only: still `checking`, no job, not skipped (a row handed out
+    # again after going stale may have a job by now).
+    back = update(_rd).where(
+        _rd.c.rollout_id == rollout["id"],
+        _rd.c.database_id.in_(ids),
+        _rd.c.settle == CHECKING,
+        _rd.c.job_id.is_(None),
+        _rd.c.skipped.is_(None),
+    )
+    if r is None or rollout["heads"] is None:
+        s.execute(back.values(settle=None, settle_started_at=None))  # the ordinary way
+        return 0
+    if r.state != RolloutState.RUNNING:
         # Paused, halted or aborted meanwhile: read again once it runs (if it does).
         s.execute(back.values(settle=CANDIDATE, settle_started_at=None))
         return 0
@@ -197,7 +224,7 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
         )
         settled += 1
     # The rest: the ordinary way (a real job, which applies what is missing or says why not).
-    s.execute(back.where(_rd.c.job_id.is_(None)).values(settle=None, settle_started_at=None))
+    s.execute(back.values(settle=None, settle_started_at=None))
     return settled
 
 

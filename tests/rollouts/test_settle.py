@@ -113,3 +113,30 @@ def test_a_rollout_to_a_new_head_settles_nothing_and_migrates_all(prod, new_db):
     for job in jobs_of(c, second["id"]):
         assert job["result"] is None and job["to_heads"] == ["t002"], job
     assert all("more" in tables(url) for url in urls)
+
+
+def test_a_version_table_that_never_answers_is_read_within_the_timeout(tmp_path):
+    """The worker (and the API) read a tenant's SQLite heads with a bounded statement:
+    a view put in place of the version table that would run for ever is interrupted."""
+    import time
+
+    from service.crypto import SecretBox
+    from service.databases.ops import read_live_heads
+
+    path = tmp_path / "endless.db"
+    engine = sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE VIEW alembic_version AS WITH RECURSIVE n(i) AS "
+            "(SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT 'x' AS version_num FROM n "
+            "WHERE i < 0"
+        )
+    engine.dispose()
+    from cryptography.fernet import Fernet
+
+    box = SecretBox((Fernet.generate_key().decode(),))
+    started = time.monotonic()
+    heads, why = read_live_heads(box.encrypt(f"sqlite:///{path}"), {}, box, 1)
+    took = time.monotonic() - started
+    assert heads is None and "interrupted" in why, (heads, why)
+    assert took < 5, took

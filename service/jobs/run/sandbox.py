@@ -496,8 +496,14 @@ class RunnerPool:
         if self.config.runner_max_warm <= 0:
             return
         with self._lock:
-            if spec.key in self.idle or spec.key in self._ahead:
+            known = self.idle.get(spec.key) or self._ahead.get(spec.key)
+            if known is not None:
+                known.last_used = time.monotonic()  # wanted soon: not one to evict
                 return
+            if spec.key in self._ahead:
+                return  # starting
+            if len(self.idle) + len(self._ahead) >= self.config.runner_max_warm:
+                return  # runner_max_warm bounds the runners kept, ahead ones too
             self._ahead[spec.key] = None
             self._ahead_wanted.append(spec)
         self.prime()
@@ -534,25 +540,34 @@ class RunnerPool:
         # signal follows the thread that started it, and this one lives as long
         # as the process.
         while True:
-            self._want_spare.wait()
-            self._want_spare.clear()
-            self._build_ahead()
-            while (quiet := time.monotonic() - self.last_activity) < self.SPARE_AFTER_IDLE_S:
-                if self._want_spare.wait(self.SPARE_AFTER_IDLE_S - quiet):
-                    self._want_spare.clear()
-                    self._build_ahead()
-            with self._lock:
-                if self._spare is not None:
-                    continue
             try:
-                spare = RunnerProcess(RunnerSpec(None), self.sandbox, self.config)
-            except Exception as exc:  # noqa: BLE001 - jobs start their own runner meanwhile
-                log.warning("could not start a spare runner: %s", exc)
-                time.sleep(5)
-                self._want_spare.set()
-                continue
-            with self._lock:
-                self._spare = spare
+                self._spare_round()
+            except Exception:  # noqa: BLE001 - this thread must live: its runners die with it
+                log.exception("the runner spawner's round failed")
+                time.sleep(1)
+
+    def _spare_round(self) -> None:
+        """Wait to be asked; start what is wanted ahead, then a spare once the process is
+        quiet (its start never competes with a running job)."""
+        self._want_spare.wait()
+        self._want_spare.clear()
+        self._build_ahead()
+        while (quiet := time.monotonic() - self.last_activity) < self.SPARE_AFTER_IDLE_S:
+            if self._want_spare.wait(self.SPARE_AFTER_IDLE_S - quiet):
+                self._want_spare.clear()
+                self._build_ahead()
+        with self._lock:
+            if self._spare is not None:
+                return
+        try:
+            spare = RunnerProcess(RunnerSpec(None), self.sandbox, self.config)
+        except Exception as exc:  # noqa: BLE001 - jobs start their own runner meanwhile
+            log.warning("could not start a spare runner: %s", exc)
+            time.sleep(5)
+            self._want_spare.set()
+            return
+        with self._lock:
+            self._spare = spare
 
     def _take_spare(self, spec: RunnerSpec) -> RunnerProcess | None:
         if spec.sqlite_files and self.sandbox.mode == "bwrap":
