@@ -209,6 +209,39 @@ keep('seen', sorted(n for n, p in { ({n: str(p) for n, p in paths.items()})!r}.i
     assert loot(f"sqlite:///{paths['e']}")["seen"] == ["e"]
 
 
+def test_a_rollout_with_warm_runners_gives_each_group_its_own_runner(
+    backends, tmp_path_factory, tmp_path
+):
+    """Warm runners (and those started ahead) are per group: no job sees another group."""
+    from tests.rollouts.conftest import jobs_of, wait_rollout
+
+    server = start_serve(tmp_path_factory, "bwrap", runner_sqlite_group=2)
+    try:
+        folder = tmp_path / "fleet"
+        folder.mkdir()
+        paths = {n: folder / f"{n}.db" for n in "abcdef"}
+        body = f"""
+keep('seen', sorted(n for n, p in { ({n: str(p) for n, p in paths.items()})!r}.items()
+                    if os.path.exists(p)))
+"""
+        c = server.client
+        project, _ = setup_project(c, loot_chain(body), settings={"lint": {"enabled": False}})
+        for n, p in paths.items():
+            register_db(c, project, f"sqlite:///{p}", name=f"{project}-{n}")
+        r = c.post("/v1/rollouts", {"project": project, "max_parallel": 2})
+        assert r.status == 202, r
+        done = wait_rollout(c, r.body["id"], timeout=180)
+        assert done["state"] == "succeeded", done
+        assert {j["sandbox"] for j in jobs_of(c, done["id"])} == {"bwrap"}
+        seen = {n: loot(f"sqlite:///{p}")["seen"] for n, p in paths.items()}
+        assert seen == {
+            "a": ["a", "b"], "b": ["a", "b"], "c": ["c", "d"],
+            "d": ["c", "d"], "e": ["e", "f"], "f": ["e", "f"],
+        }  # fmt: skip
+    finally:
+        server.stop()
+
+
 def test_a_modified_cache_file_is_never_run(bwrapped, new_db):
     c = bwrapped.client
     project, bundle = setup_project(c, loot_chain("keep('ran', 'original')"))
