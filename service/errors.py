@@ -98,3 +98,19 @@ class TooManyStreamsError(TooManyRequestsError):
 
     code = "too_many_streams"
     headers = {"Retry-After": "2"}
+
+
+def invalid_from(exc: Any, prefix: tuple[str, ...] = ()) -> InvalidError:
+    """A 422 from a pydantic ValidationError: each error's field (under `prefix`) and message;
+    the first one in the message."""
+    errors = [
+        {
+            "field": ".".join([*prefix, *(str(p) for p in err["loc"])]) or "(body)",
+            "message": err["msg"],
+        }
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    first = errors[0]
+    return InvalidError(
+        f"{first['field']}: {first['message']}", {"errors": errors, "field": first["field"]}
+    )

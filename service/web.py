@@ -25,9 +25,9 @@ from service.crypto import SecretBox
 from service.db import transaction
 from service.errors import (
     ForbiddenError,
-    InvalidError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
+    invalid_from,
 )
 from service.idempotency import ops as idempotency
 from service.idempotency.ops import check_key
@@ -167,14 +167,4 @@ def validate(model: type[BaseModel], data: Any, strict_json: bool = False) -> An
             return model.model_validate_json(data, strict=True)
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [
-            {
-                "field": ".".join(str(p) for p in err["loc"]) or "(body)",
-                "message": err["msg"],
-            }
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        first = errors[0]
-        raise InvalidError(
-            f"{first['field']}: {first['message']}", {"errors": errors, "field": first["field"]}
-        ) from None
+        raise invalid_from(exc) from None

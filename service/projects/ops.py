@@ -12,7 +12,7 @@ from service.audit.actions import AuditAction
 from service.audit.ops import record_event
 from service.crypto import SecretBox
 from service.db import iso
-from service.errors import ConflictError, InvalidError, NotFoundError
+from service.errors import ConflictError, InvalidError, NotFoundError, invalid_from
 from service.principal import Principal
 from service.projects.models import Project
 from service.projects.schemas import ProjectCreate, ProjectPatch, ProjectSettings
@@ -128,17 +128,7 @@ def _valid_settings(merged: dict[str, Any]) -> dict[str, Any]:
     try:
         return ProjectSettings.model_validate(merged).model_dump()
     except ValidationError as exc:
-        errors = [
-            {
-                "field": ".".join(["settings", *(str(p) for p in err["loc"])]),
-                "message": err["msg"],
-            }
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        first = errors[0]
-        raise InvalidError(
-            f"{first['field']}: {first['message']}", {"errors": errors, "field": first["field"]}
-        ) from None
+        raise invalid_from(exc, ("settings",)) from None
 
 
 def list_projects(session: Session, who: Principal | None = None) -> list[Project]:

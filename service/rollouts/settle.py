@@ -45,6 +45,8 @@ from service.databases.models import Database
 from service.databases.ops import read_live_heads
 from service.db import transaction, utcnow
 from service.jobs.models import Job
+from service.jobs.ops import insert_job
+from service.jobs.run.plan import changed_revisions
 from service.jobs.run.steps import applied_checksums
 from service.jobs.states import BUSY_STATES, JobState
 from service.projects.models import Project
@@ -126,21 +128,12 @@ def _batch(s: Session, rollout_id: int, database_ids: list[int]):
         return None
     project = s.get(Project, r.project_id)
     bundle = s.get(Bundle, r.bundle_pk)
-    newest, busy = {}, set()
-    for database_id, last, active in s.execute(
-        select(Job.database_id, func.max(Job.id), func.sum(_ACTIVE))
-        .where(Job.database_id.in_(ids))
-        .group_by(Job.database_id)
-    ):
-        newest[database_id] = last
-        if active:
-            busy.add(database_id)  # a read now could see it half-way: the ordinary way
+    jobs = _jobs_of(s, ids)  # one with a job active now is not read: it could be half-way
     rollout = {
         "id": r.id,
         "project": project.name,
         "project_id": project.id,
         "bundle_pk": bundle.pk,
-        "digest": bundle.digest,
         "shas": {rev["id"]: rev["sha256"] for rev in bundle.revisions},
         "heads": target_heads(bundle, r.action, r.target),
         "action": r.action,
@@ -156,8 +149,8 @@ def _batch(s: Session, rollout_id: int, database_ids: list[int]):
             "name": db.name,
             "url_encrypted": db.url_encrypted,
             "settings": project.settings or {},
-            "newest_job": newest.get(db.id),
-            "busy": db.id in busy,
+            "newest_job": jobs.get(db.id, (None, False))[0],
+            "busy": jobs.get(db.id, (None, False))[1],
             "drifted": bool(db.drifted),
             "removed": db.removed_at is not None,
         }
@@ -199,6 +192,7 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
         )
     }
     busy = _touched(s, reads)
+    s.scalars(select(Database).where(Database.id.in_(ids))).all()  # for _settled_job's s.get
     now = utcnow()
     settled = 0
     for item in reads:
@@ -213,7 +207,7 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
             or item["busy"]
             or item["removed"]
             or (item["drifted"] and rollout["refuse_drifted"])
-            or _changed(applied_checksums(s, database_id), rollout["shas"])
+            or changed_revisions(rollout["shas"], applied_checksums(s, database_id))
         ):
             continue
         job = _settled_job(s, worker, rollout, item, sorted(heads), now)
@@ -228,22 +222,23 @@ def _record(s: Session, worker: str, rollout: dict[str, Any], reads: list[dict],
     return settled
 
 
+def _jobs_of(s: Session, ids: list[int]) -> dict[int, tuple[int, bool]]:
+    """Each database's newest job id, and whether one of its jobs is active."""
+    rows = s.execute(
+        select(Job.database_id, func.max(Job.id), func.sum(_ACTIVE))
+        .where(Job.database_id.in_(ids))
+        .group_by(Job.database_id)
+    )
+    return {database_id: (last, bool(active)) for database_id, last, active in rows}
+
+
 def _touched(s: Session, reads: list[dict]) -> set[int]:
     """Databases a job may have changed since the batch was read: one with a job
     active now, or with a job newer than the newest seen then. (A lease is held
     only by an active job: its end releases it in the same transaction.)"""
     newest = {item["database_id"]: item["newest_job"] for item in reads}
-    rows = s.execute(
-        select(Job.database_id, func.max(Job.id), func.sum(_ACTIVE))
-        .where(Job.database_id.in_(list(newest)))
-        .group_by(Job.database_id)
-    ).all()
-    return {d for d, last, busy in rows if busy or last != newest.get(d)}
-
-
-def _changed(applied: dict[str, str], shas: dict[str, str]) -> bool:
-    """An applied revision whose file is not the bundle's: the ordinary job says so."""
-    return any(rev in shas and sha and shas[rev] != sha for rev, sha in applied.items())
+    jobs = _jobs_of(s, list(newest))
+    return {d for d, (last, busy) in jobs.items() if busy or last != newest.get(d)}
 
 
 def _settled_job(
@@ -254,47 +249,27 @@ def _settled_job(
     heads: list[str],
     now: dt.datetime,
 ) -> Job:
-    job = Job(
-        database_id=item["database_id"],
-        project_id=rollout["project_id"],
-        bundle_pk=rollout["bundle_pk"],
-        kind="migrate",
-        action=rollout["action"],
-        target=rollout["target"],
-        state=JobState.SUCCEEDED,
-        attempt=1,
-        requested_by=rollout["requested_by"],
-        created_at=now,
-        started_at=now,
-        finished_at=now,
-        from_heads=heads,
-        to_heads=heads,
-        worker=worker,
-        lock_waited_ms=0,
-        result={"settled": True, "nothing_to_do": True},
-        rollout_id=rollout["id"],
-    )
-    s.add(job)
-    s.flush()
-    common = {"project": rollout["project"], "database": item["name"], "job_id": job.id}
-    record_event(
-        s,
-        AuditAction.JOB_REQUESTED,
-        actor=rollout["requested_by"],
-        data={
-            "kind": "migrate",
-            "action": rollout["action"],
-            "target": rollout["target"],
-            "bundle": rollout["digest"],
-            "rollout": rollout["id"],
-        },
-        **common,
-    )
+    """A job requested as any rollout's job is (insert_job), ended at once: nothing to do."""
+    project = s.get(Project, rollout["project_id"])
+    bundle = s.get(Bundle, rollout["bundle_pk"])
+    db = s.get(Database, item["database_id"])
+    action, target, actor = rollout["action"], rollout["target"], rollout["requested_by"]
+    job = insert_job(
+        s, db, project, bundle, "migrate", action, target, None, actor, False, rollout["id"]
+    ).job
+    job.state = JobState.SUCCEEDED
+    job.started_at = job.finished_at = now
+    job.from_heads = job.to_heads = heads
+    job.worker = worker
+    job.lock_waited_ms = 0
+    job.result = {"settled": True, "nothing_to_do": True}
     record_event(
         s,
         AuditAction.JOB_SUCCEEDED,
         actor="worker",
+        project=project.name,
+        database=db.name,
+        job_id=job.id,
         data={"from_heads": heads, "to_heads": heads, "steps": 0, "settled": True},
-        **common,
     )
     return job

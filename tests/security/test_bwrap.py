@@ -186,17 +186,23 @@ op.create_table('mine', sa.Column('id', sa.Integer))
     engine.dispose()
 
 
-def test_a_runner_binds_one_group_of_its_projects_sqlite_files(bwrapped, tmp_path):
-    """Groups in the order of the databases' names: the job of `c` sees c and d only."""
+def _fleet_seeing_itself(tmp_path, names: str):
+    """SQLite files named by letter, and a chain whose r2 keeps which of them it can see."""
     folder = tmp_path / "fleet"
     folder.mkdir()
-    paths = {n: folder / f"{n}.db" for n in "abcde"}
+    paths = {n: folder / f"{n}.db" for n in names}
     body = f"""
 keep('seen', sorted(n for n, p in { ({n: str(p) for n, p in paths.items()})!r}.items()
                     if os.path.exists(p)))
 """
+    return paths, loot_chain(body)
+
+
+def test_a_runner_binds_one_group_of_its_projects_sqlite_files(bwrapped, tmp_path):
+    """Groups in the order of the databases' names: the job of `c` sees c and d only."""
+    paths, chain = _fleet_seeing_itself(tmp_path, "abcde")
     c = bwrapped.client
-    project, _ = setup_project(c, loot_chain(body))
+    project, _ = setup_project(c, chain)
     names = {
         n: register_db(c, project, f"sqlite:///{p}", name=f"{project}-{n}")
         for n, p in paths.items()
@@ -217,15 +223,9 @@ def test_a_rollout_with_warm_runners_gives_each_group_its_own_runner(
 
     server = start_serve(tmp_path_factory, "bwrap", runner_sqlite_group=2)
     try:
-        folder = tmp_path / "fleet"
-        folder.mkdir()
-        paths = {n: folder / f"{n}.db" for n in "abcdef"}
-        body = f"""
-keep('seen', sorted(n for n, p in { ({n: str(p) for n, p in paths.items()})!r}.items()
-                    if os.path.exists(p)))
-"""
+        paths, chain = _fleet_seeing_itself(tmp_path, "abcdef")
         c = server.client
-        project, _ = setup_project(c, loot_chain(body), settings={"lint": {"enabled": False}})
+        project, _ = setup_project(c, chain, settings={"lint": {"enabled": False}})
         for n, p in paths.items():
             register_db(c, project, f"sqlite:///{p}", name=f"{project}-{n}")
         r = c.post("/v1/rollouts", {"project": project, "max_parallel": 2})

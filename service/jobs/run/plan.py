@@ -85,13 +85,18 @@ def applied_between(script: ScriptDirectory, from_heads, heads) -> list[dict[str
     ]
 
 
-def check_checksums(sha_by_revision: dict[str, str], applied: dict[str, str], current) -> None:
-    """Refuse a bundle whose applied revisions changed, or that lacks the current heads."""
-    changed = sorted(
+def changed_revisions(sha_by_revision: dict[str, str], applied: dict[str, str]) -> list[str]:
+    """The applied revisions whose recorded file is not the bundle's, sorted."""
+    return sorted(
         rev
         for rev, sha in applied.items()
         if rev in sha_by_revision and sha and sha_by_revision[rev] != sha
     )
+
+
+def check_checksums(sha_by_revision: dict[str, str], applied: dict[str, str], current) -> None:
+    """Refuse a bundle whose applied revisions changed, or that lacks the current heads."""
+    changed = changed_revisions(sha_by_revision, applied)
     if changed:
         raise JobFailure(
             "revision_changed",
