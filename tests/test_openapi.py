@@ -96,8 +96,11 @@ def test_schemathesis_finds_no_server_error_and_no_nonconforming_response(fuzz_t
         os.environ.get("RETORT_FUZZ_EXAMPLES", "25"),
         "--phases",
         "examples,coverage,fuzzing,stateful",
+        # One worker: with two threads, hypothesis's ast.parse of a filter's lambda
+        # crashed CPython 3.11 once in CI ("AST constructor recursion depth mismatch",
+        # a SystemError inside schemathesis while every case passed).
         "--workers",
-        "2",
+        "1",
         "--seed",
         "20261121",
         "--generation-database",
